@@ -1,0 +1,116 @@
+"""Building blocks shared by the network and the transformer branch (channels-last, 3D).
+
+Every convolution pads symmetrically like PyTorch (kernel 3 -> pad 1 on both sides), never
+``'SAME'``, which pads stride-2 convolutions of even sizes asymmetrically (SPEC section 8).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def conv(features, kernel=3, stride=1, padding=None, dtype=jnp.float32, name=None):
+  """3D convolution with bias and PyTorch-style symmetric padding ((k - 1) // 2 per side)."""
+  pad = (kernel - 1) // 2 if padding is None else padding
+  return nn.Conv(features, (kernel,) * 3, strides=(stride,) * 3, padding=((pad, pad),) * 3,
+                 dtype=dtype, name=name)
+
+
+def deconv(features, dtype=jnp.float32, name=None):
+  """Transposed convolution, kernel 2, stride 2, no padding: doubles each spatial size.
+
+  ``transpose_kernel=True`` makes the kernel (2, 2, 2, out, in) behave like PyTorch's
+  ``ConvTranspose3d`` with weight (in, out, 2, 2, 2) moved to that layout (SPEC section 8).
+  """
+  return nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2), padding='VALID',
+                          transpose_kernel=True, dtype=dtype, name=name)
+
+
+def upsample2(x):
+  """Nearest-neighbour upsampling by 2 on the three spatial axes of (N, H, W, D, C)."""
+  for axis in (1, 2, 3):
+    x = jnp.repeat(x, 2, axis=axis)
+  return x
+
+
+def maxpool2(x):
+  """Max pooling, window 2, stride 2, on (N, H, W, D, C)."""
+  return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+
+
+class ResBlock(nn.Module):
+  """x + conv3(relu(GN(conv3(relu(GN(x)))))) with GroupNorm(groups, eps 1e-5)."""
+  groups: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = x.shape[-1]
+    y = nn.relu(nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name='gn1')(x))
+    y = conv(k, dtype=self.dtype, name='conv1')(y)
+    y = nn.relu(nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name='gn2')(y))
+    y = conv(k, dtype=self.dtype, name='conv2')(y)
+    return x + y
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over (N, H, W, D) like PyTorch's BatchNorm3d (eps 1e-5, momentum 0.1).
+
+  Training normalises with the biased batch variance and updates the running variance with the
+  unbiased one, as PyTorch does; evaluation uses the running statistics. Statistics are taken
+  in float32 over the whole (global) batch, so they do not depend on how the batch is sharded.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    mean_ra = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    var_ra = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axes)
+      var = jnp.mean(jnp.square(x32 - mean), axes)
+      if not self.is_initializing():
+        n = x.size // c
+        unbiased = var * (n / max(n - 1, 1))
+        mean_ra.value = (1 - self.momentum) * mean_ra.value + self.momentum * mean
+        var_ra.value = (1 - self.momentum) * var_ra.value + self.momentum * unbiased
+    else:
+      mean, var = mean_ra.value, var_ra.value
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class ConvBlock(nn.Module):
+  """conv3 (stride s) -> BatchNorm -> ReLU (the UNETR decoder's ConvBlock)."""
+  features: int
+  stride: int = 1
+  kernel: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = conv(self.features, self.kernel, self.stride, dtype=self.dtype, name='conv')(x)
+    return nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
+
+
+class DeconvBlock(nn.Module):
+  """transposed conv k2 s2 -> conv3 -> BatchNorm -> ReLU (the UNETR decoder's DeconvBlock)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = deconv(self.features, dtype=self.dtype, name='deconv')(x)
+    x = conv(self.features, dtype=self.dtype, name='conv')(x)
+    return nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
