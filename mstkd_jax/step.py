@@ -21,7 +21,7 @@ import optax
 
 from mstkd_jax import losses
 from mstkd_jax.models.discriminator import StyleDiscriminator
-from mstkd_jax.models.mstkdnet import MSTKDNet, network_from_config
+from mstkd_jax.models.mstkdnet import network_from_config
 from mstkd_jax.subsets import parse_subset, subset_masks
 
 
@@ -126,15 +126,43 @@ def apply_masks(image, masks):
 
 
 def _global_norm(tree):
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
+
+
+def network_objective(params, batch_stats, disc_params, image, image_m, label, keys, epoch,
+                      config):
+  """The teacher + student objective of one step (SPEC section 4).
+
+  params / batch_stats: {'teacher', 'student'}; image: full input, image_m: the student's
+  masked input, both (N, H, W, D, 4); label (N, H, W, D, 4); keys: (teacher, student) dropout
+  keys. The discriminator enters only through the adversarial term and is not differentiated
+  here. Returns (total, (terms, new batch_stats, teacher style, student style)).
+  """
+  net = network_from_config(config)
+  cfg = config.loss
+
+  def forward(name, x, key):
+    with jax.named_scope(name):
+      out, updates = net.apply({'params': params[name], 'batch_stats': batch_stats[name]}, x,
+                               train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+    return out, updates['batch_stats']
+
+  out_t, bs_t = forward('teacher', image, keys[0])
+  out_s, bs_s = forward('student', image_m, keys[1])
+  d_logits_m = None
+  if cfg.lambda_gsme:
+    with jax.named_scope('discriminator_on_student'):
+      d_logits_m = discriminator_from_config(config).apply(disc_params, out_s.style)
+  with jax.named_scope('losses'):
+    terms = losses.total_loss(out_t, out_s, label, d_logits_m, epoch, cfg)
+  aux = (terms, {'teacher': bs_t, 'student': bs_s}, out_t.style, out_s.style)
+  return terms['total'], aux
 
 
 def train_step(state: TrainState, batch, rng, *, config, spe):
   """One update of teacher, student and discriminator. Returns (new_state, metrics)."""
-  net: MSTKDNet = network_from_config(config)
   disc = discriminator_from_config(config)
-  cfg = config.loss
-  use_disc = bool(cfg.lambda_gsme)
+  use_disc = bool(config.loss.lambda_gsme)
   rng = jax.random.fold_in(rng, state.step)
   k_mask, k_t, k_s = jax.random.split(rng, 3)
   image = batch['image'].astype(jnp.float32)
@@ -143,26 +171,9 @@ def train_step(state: TrainState, batch, rng, *, config, spe):
   image_m = apply_masks(image, modality)
   epoch = state.step // spe
 
-  def forward(params, stats, x, key, name):
-    with jax.named_scope(name):
-      out, updates = net.apply({'params': params, 'batch_stats': stats}, x, train=True,
-                               rngs={'dropout': key}, mutable=['batch_stats'])
-    return out, updates['batch_stats']
-
-  def objective(params):
-    out_t, bs_t = forward(params['teacher'], state.batch_stats['teacher'], image, k_t,
-                          'teacher')
-    out_s, bs_s = forward(params['student'], state.batch_stats['student'], image_m, k_s,
-                          'student')
-    d_logits_m = None
-    if use_disc:
-      with jax.named_scope('discriminator_on_student'):
-        d_logits_m = disc.apply(state.disc_params, out_s.style)
-    with jax.named_scope('losses'):
-      terms = losses.total_loss(out_t, out_s, label, d_logits_m, epoch, cfg)
-    aux = (terms, {'teacher': bs_t, 'student': bs_s}, out_t.style, out_s.style)
-    return terms['total'], aux
-
+  objective = functools.partial(network_objective, batch_stats=state.batch_stats,
+                                disc_params=state.disc_params, image=image, image_m=image_m,
+                                label=label, keys=(k_t, k_s), epoch=epoch, config=config)
   grads, (terms, new_stats, style_t, style_s) = jax.grad(objective, has_aux=True)(state.params)
   tx = network_optimizer(config, spe)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

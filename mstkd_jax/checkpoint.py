@@ -1,0 +1,111 @@
+"""Orbax checkpoints of training runs.
+
+Layout of a workdir:
+  <workdir>/checkpoints/<step>/state     the TrainState (teacher, student, discriminator,
+                                         optimiser states, batch statistics, step)
+  <workdir>/checkpoints/<step>/data      the input pipeline's iterator state (JSON)
+  <workdir>/checkpoints/<step>/meta      JSON: config, epoch, step, best validation Dice
+The manager keeps the last ``config.train.keep_checkpoints`` steps plus the one with the best
+validation Dice. Saves are asynchronous and atomic: Orbax writes into a temporary folder and
+renames it when complete, so a crash (even kill -9) mid-save leaves the previous checkpoint as
+the latest usable one.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+
+def make_manager(directory, keep=3, read_only=False) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``directory`` keeping the last ``keep`` steps and the best."""
+  policy = ocm.AnyPreservationPolicy([
+      ocm.LatestN(n=keep),
+      ocm.BestN(get_metric_fn=lambda m: m['val_dice'], reverse=False, n=1,
+                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('state', 'data', 'meta'))
+
+
+def save(manager, step, state, data_state: Optional[dict], meta: dict,
+         val_dice: Optional[float] = None, force=False):
+  """Saves state + iterator state + metadata at ``step`` (asynchronously)."""
+  metrics = {'val_dice': float(val_dice)} if val_dice is not None else None
+  return manager.save(
+      int(step),
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state or {}),
+          meta=ocp.args.JsonSave(meta)),
+      metrics=metrics, force=force)
+
+
+def restore(manager, step, abstract_state):
+  """Restores (state, data_state, meta) at ``step`` into the shapes/shardings of
+  ``abstract_state`` (a pytree of jax.ShapeDtypeStruct)."""
+  restored = manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+  return restored['state'], restored['data'], restored['meta']
+
+
+def best_step(manager) -> Optional[int]:
+  return manager.best_step()
+
+
+def resolve_step(manager, which: Optional[str]) -> int:
+  """'latest' (default), 'best' or a step number -> an existing step, or a clear error."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  if which in (None, '', 'latest'):
+    return manager.latest_step()
+  if which == 'best':
+    best = manager.best_step()
+    if best is None:
+      raise FileNotFoundError(f'no checkpoint with a validation score in {manager.directory}')
+    return best
+  step = int(which)
+  if step not in steps:
+    raise FileNotFoundError(f'no checkpoint at step {step} in {manager.directory}; '
+                            f'available: {sorted(steps)}')
+  return step
+
+
+def abstract_like(tree, sharding=None) -> Any:
+  """ShapeDtypeStructs of ``tree`` (optionally with a sharding) as an Orbax restore target."""
+  def to_struct(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, 'sharding',
+                                                                              None))
+  return jax.tree.map(to_struct, tree)
+
+
+# ---- single-network exports (the student for evaluation and prediction) ----
+
+EXPORT_MANIFEST = 'manifest.json'
+
+
+def save_network(directory, variables, config, network='student', source=''):
+  """Writes one network's {'params', 'batch_stats'} as an Orbax checkpoint in
+  ``directory/variables`` with ``config.json`` and ``manifest.json`` beside it."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  target = os.path.join(directory, 'variables')
+  ckptr.save(target, variables, force=True)
+  ckptr.wait_until_finished()
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(directory, EXPORT_MANIFEST), 'w') as f:
+    json.dump({'kind': 'network', 'network': network, 'source': str(source)}, f, indent=2)
+  return directory

@@ -1,0 +1,49 @@
+"""Command line: ``python -m mstkd_jax.main --config=configs/brats.py --workdir=DIR [--mode=...]``.
+
+Modes: ``train`` (default; trains, validates periodically, then evaluates the 15 modality
+subsets on the test split), ``eval`` (15-subset evaluation of a checkpoint), ``export`` (the
+student alone, for evaluation and prediction).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
+                    'number, or a path to an exported student / converted network.')
+flags.DEFINE_string('out', None, 'export: output folder (default <workdir>/export).')
+flags.DEFINE_string('split', 'test', "eval: which split to evaluate ('test' or 'val').")
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir whose config.json differs from --config.')
+flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from mstkd_jax import parallel
+  parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
+                                        FLAGS.process_id)
+  config = FLAGS.config
+  if FLAGS.mode == 'train':
+    from mstkd_jax import train
+    train.train_and_evaluate(config, FLAGS.workdir,
+                             allow_config_change=FLAGS.allow_config_change)
+  elif FLAGS.mode == 'eval':
+    from mstkd_jax import evaluate
+    evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)
+  elif FLAGS.mode == 'export':
+    from mstkd_jax import export
+    path = export.export_student(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out)
+    logging.info('exported the student to %s', path)
+
+
+if __name__ == '__main__':
+  app.run(main)
