@@ -109,3 +109,68 @@ def save_network(directory, variables, config, network='student', source=''):
   with open(os.path.join(directory, EXPORT_MANIFEST), 'w') as f:
     json.dump({'kind': 'network', 'network': network, 'source': str(source)}, f, indent=2)
   return directory
+
+
+def network_variables_struct(config):
+  """Shapes of one network's {'params', 'batch_stats'} for ``config`` (no compute)."""
+  from mstkd_jax import step as step_lib
+  from mstkd_jax.models.mstkdnet import network_from_config
+  import jax.numpy as jnp
+  net = network_from_config(config)
+  x = jnp.zeros(step_lib.input_shape(config))
+  return jax.eval_shape(lambda: net.init({'params': jax.random.key(0),
+                                          'dropout': jax.random.key(0)}, x, train=False))
+
+
+def is_network_export(directory):
+  return os.path.exists(os.path.join(directory, EXPORT_MANIFEST))
+
+
+def load_config(directory):
+  """The config saved beside a checkpoint (``config.json`` of a workdir or an export)."""
+  from ml_collections import config_dict
+  path = os.path.join(directory, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {directory} a workdir or an exported '
+                            'network?')
+  with open(path) as f:
+    return config_dict.ConfigDict(_lists_to_tuples(json.load(f)))
+
+
+def _lists_to_tuples(d):
+  if isinstance(d, dict):
+    return {k: _lists_to_tuples(v) for k, v in d.items()}
+  if isinstance(d, list):
+    return tuple(_lists_to_tuples(v) for v in d)
+  return d
+
+
+def load_network(config, location, which=None, network='student'):
+  """One network's {'params', 'batch_stats'} from an export folder (``manifest.json``) or
+  from a training workdir's checkpoints (``which``: 'latest', 'best' or a step).
+
+  Shapes are checked against ``config``: a checkpoint of another model size is refused with
+  a message naming both.
+  """
+  target = network_variables_struct(config)
+  if is_network_export(location):
+    try:
+      return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(location),
+                                                             'variables'), target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'{location} does not hold a network of this config '
+                       f'(model {dict(config.model)}): {e}') from e
+  directory = os.path.join(location, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{location} is neither an exported network (no {EXPORT_MANIFEST})'
+                            ' nor a training workdir (no checkpoints/ folder)')
+  from mstkd_jax import step as step_lib
+  manager = make_manager(directory, read_only=True)
+  step = resolve_step(manager, which)
+  abstract = step_lib.abstract_state(config, spe=1)
+  try:
+    state, _, _ = restore(manager, step, abstract)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'checkpoint {directory}/{step} does not match this config '
+                     f'(model {dict(config.model)}): {e}') from e
+  return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}

@@ -275,3 +275,34 @@ def random_batches(config, batch_size, seed=0):
     classes = rs.randint(0, config.model.num_classes, size=shape[:-1])
     label = np.eye(config.model.num_classes, dtype=np.float32)[classes]
     yield {'image': image, 'label': label}
+
+
+def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=None):
+  """Trains on ``config.data`` (synthetic cases when no root is given), validating every
+  ``eval_every_epochs`` epochs, then evaluates the 15 modality subsets on the test split."""
+  from mstkd_jax.data import pipeline
+  from mstkd_jax import evaluate
+
+  os.makedirs(workdir, exist_ok=True)
+  root = pipeline.resolve_root(config, workdir)
+  logging.info('data: %s', root)
+  split = pipeline.make_split(config, workdir)
+  per_process_batch = config.train.batch_size_per_device * jax.local_device_count()
+  train_iter = pipeline.make_train_loader(
+      config, workdir, batch_size=per_process_batch, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  num_train = len(split['train']) - len(getattr(train_iter, 'skipped_cases', []) or [])
+  spe = step_lib.steps_per_epoch(config, num_train)
+  logging.info('%d training cases, %d steps per epoch, %d epochs', num_train, spe,
+               config.train.epochs)
+  validate = evaluate.make_validator(config, workdir) if split['val'] else None
+  try:
+    state = train_loop(config, workdir, train_iter, spe, validate=validate,
+                       allow_config_change=allow_config_change, max_steps=max_steps)
+  finally:
+    close = getattr(train_iter, 'close', None)
+    if close is not None:
+      close()
+  if split['test']:
+    evaluate.evaluate_state(config, workdir, state, split='test')
+  return state
