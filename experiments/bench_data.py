@@ -1,0 +1,92 @@
+r"""Input-pipeline throughput: cold (decoding .nii.gz into the cache) and cached epochs.
+
+  python experiments/bench_data.py --root ../shared/data/brats2018 --workers 2
+
+Prints one JSON object: for the first epoch the cache build (decode, check, scale, crop, write)
+and the first pass of the training pipeline over it, then cases (training volumes) per second
+for every later, cached epoch (random crop, flips, intensity scale/shift, one-hot labels,
+batching, worker processes). The cache goes to a fresh temporary workdir unless --workdir is
+given (then a second run is cached from the start).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import brats  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mstkd_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--root', required=True, help='folder of case folders')
+  p.add_argument('--layout', default='auto')
+  p.add_argument('--workers', type=int, default=2, help='grain worker processes')
+  p.add_argument('--cache_workers', type=int, default=None,
+                 help='processes building the cache (default: --workers)')
+  p.add_argument('--epochs', type=int, default=3, help='epochs in all (first one cold)')
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--input_shape', type=int, nargs=3, default=(160, 192, 128))
+  p.add_argument('--normalization', default='minmax')
+  p.add_argument('--spacing', type=float, default=None)
+  p.add_argument('--rotation_prob', type=float, default=0.0)
+  p.add_argument('--workdir', default=None, help='default: a temporary folder, removed after')
+  args = p.parse_args(argv)
+
+  config = brats.get_config()
+  d = config.data
+  d.root = args.root
+  d.layout = args.layout
+  d.input_shape = tuple(args.input_shape)
+  d.normalization = args.normalization
+  d.spacing = args.spacing
+  d.rotation_prob = args.rotation_prob
+  d.workers = args.workers
+  d.split = (1.0, 0.0, 0.0)      # every case is a training case
+  workdir = args.workdir or tempfile.mkdtemp(prefix='bench_data_')
+  cache_workers = args.workers if args.cache_workers is None else args.cache_workers
+  result = {'command': ' '.join(['python', 'experiments/bench_data.py'] + sys.argv[1:]),
+            'workers': args.workers, 'batch': args.batch,
+            'input_shape': list(args.input_shape), 'cpus': os.cpu_count()}
+  try:
+    t0 = time.perf_counter()
+    prep = pipeline.prepare(config, workdir, workers=cache_workers, progress=False)
+    build_s = time.perf_counter() - t0
+    loader = pipeline.make_train_loader(config, workdir, args.batch, seed=0, progress=False)
+    n = len(loader.case_ids)
+    steps = max(1, n // args.batch)
+    result.update(cases=n, skipped=len(prep.skipped), steps_per_epoch=steps)
+    epochs = []
+    for epoch in range(args.epochs):
+      t = time.perf_counter()
+      for _ in range(steps):
+        batch = next(loader)
+        assert batch['image'].shape[0] == args.batch
+        del batch
+      epochs.append(time.perf_counter() - t)
+    loader.close()
+    cold_s = build_s + epochs[0]
+    result['cold'] = {'cache_build_s': round(build_s, 2),
+                      'first_epoch_s': round(epochs[0], 2),
+                      'cases_per_s': round(steps * args.batch / cold_s, 2),
+                      'cache_build_cases_per_s': round(n / build_s, 2)}
+    cached = [steps * args.batch / e for e in epochs[1:]]
+    result['cached_epochs_cases_per_s'] = [round(v, 2) for v in cached]
+    if cached:
+      result['cached_cases_per_s'] = round(
+          (len(cached) * steps * args.batch) / sum(epochs[1:]), 2)
+  finally:
+    if args.workdir is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+  print(json.dumps(result, indent=1))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
