@@ -50,7 +50,7 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-norm block: x + MHSA(LN(x)); x + MLP(LN(x)) with a ReLU MLP (LayerNorm eps 1e-6)."""
+  """Pre-norm block: x + MHSA(LN(x)); x + w_2(dropout(relu(w_1(LN(x))))) (LayerNorm eps 1e-6)."""
   num_heads: int
   mlp_dim: int
   dropout: float
@@ -68,7 +68,6 @@ class TransformerBlock(nn.Module):
     h = nn.relu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='w_1')(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = nn.Dense(k, dtype=self.dtype, name='w_2')(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + h, probs
 
 
