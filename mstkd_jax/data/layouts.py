@@ -231,7 +231,10 @@ def labels_to_codes(seg, layout):
   lut = np.zeros(256, np.uint8)
   for raw, code in lay.label_to_code.items():
     lut[raw] = code
-  return lut[np.asarray(seg).astype(np.int64).clip(0, 255)]
+  seg = np.asarray(seg)
+  if seg.dtype != np.uint8:
+    seg = np.clip(seg, 0, 255).astype(np.uint8)   # values are checked before: 0..4
+  return lut[seg]
 
 
 def codes_to_onehot(codes):

@@ -373,8 +373,7 @@ def _header_to_meta(header):
 
 def header_from_meta(meta):
   """The original NIfTI header (nibabel Nifti1Header / Nifti2Header)."""
-  cls = {'Nifti1Header': nib.Nifti1Header, 'Nifti2Header': nib.Nifti2Header,
-         'Nifti1PairHeader': nib.Nifti1PairHeader}[meta['header_class']]
+  cls = nib.Nifti2Header if meta['header_class'].startswith('Nifti2') else nib.Nifti1Header
   block = base64.b64decode(meta['header'])
   return cls(binaryblock=block, check=False)
 

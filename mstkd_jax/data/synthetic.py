@@ -97,8 +97,11 @@ def _random_rotation(rng):
   return q * np.sign(np.diag(r))
 
 
-def generate_case(shape, layout, seed, index, spacing=1.0):
-  """Returns (images float32 [4, X, Y, Z] in channel order, raw label uint8 [X,Y,Z])."""
+def generate_case(shape, layout, seed, index, spacing=1.0, return_tissue=False):
+  """Returns (images float32 [4, X, Y, Z] in channel order, raw label uint8 [X,Y,Z]).
+
+  With return_tissue, also the tissue map (indices into TISSUES) as a third element.
+  """
   lay = layouts.get_layout(layout)
   rng = np.random.default_rng([seed, index])
   shape = tuple(int(s) for s in shape)
@@ -169,7 +172,8 @@ def generate_case(shape, layout, seed, index, spacing=1.0):
                   (noise * rng.standard_normal(shape, np.float32)) ** 2)
     img[~brain] = 0
     images[c] = img * GAINS[c] * rng.uniform(0.8, 1.25)
-  return images, layouts.codes_to_labels(codes, lay.name)
+  labels = layouts.codes_to_labels(codes, lay.name)
+  return (images, labels, tissue) if return_tissue else (images, labels)
 
 
 def affine_for(shape, spacing=1.0):
