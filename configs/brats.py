@@ -53,7 +53,10 @@ def base_config():
   dt.split = (0.7, 0.1, 0.2)    # train / validation / test fractions
   dt.split_file = config_dict.placeholder(str)
   dt.split_seed = 0
-  dt.workers = 2                # grain worker processes (0 = in the main process)
+  dt.workers = 2                # parallel batch builders (0 = none); also cache-build processes
+  # 'threads' (in the training process: numpy releases the GIL, batches need no copy; fastest
+  # on few cores) | 'processes' (grain multiprocess workers, batches in shared memory).
+  dt.worker_kind = 'threads'
   dt.on_bad_case = 'error'      # 'error' | 'skip'
   dt.flips = True
   dt.rotation_degrees = 10.0    # small random rotations (0 disables)
@@ -108,7 +111,14 @@ def base_config():
   # ---- evaluation ----
   e = c.eval = config_dict.ConfigDict()
   e.hd95_convention = 'brats'   # 'brats' (373.13 when one mask is empty) | 'authors' (0)
-  e.batch_size = 1
+  e.batch_size = 1              # inputs per compiled forward pass (last batch zero-padded)
+  # False: the centre window of input_shape of each case's brain box (SPEC section 5);
+  # True: overlapping windows over the whole box, blended (what prediction does).
+  e.sliding_window = False
+  e.overlap = 0.5               # sliding windows: fraction of a window shared with the next
+  e.blend = 'gaussian'          # 'gaussian' (centre-weighted) | 'uniform'
+  e.val_subsets = 'all'         # validation during training: 'all' 15 subsets | 'full' only
+  e.figure = False              # after training, draw the Figure-2 picture of a test case
   return c
 
 

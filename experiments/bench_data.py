@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import brats  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -27,7 +29,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--root', required=True, help='folder of case folders')
   p.add_argument('--layout', default='auto')
-  p.add_argument('--workers', type=int, default=2, help='grain worker processes')
+  p.add_argument('--workers', type=int, default=2, help='parallel batch builders')
+  p.add_argument('--worker_kind', default='threads', choices=('threads', 'processes'))
+  p.add_argument('--threads', type=int, default=None,
+                 help='override: threads building batches in the main process')
+  p.add_argument('--touch', action='store_true',
+                 help='copy every batch in the main process, as a host-to-device put would')
   p.add_argument('--cache_workers', type=int, default=None,
                  help='processes building the cache (default: --workers)')
   p.add_argument('--epochs', type=int, default=3, help='epochs in all (first one cold)')
@@ -48,17 +55,21 @@ def main(argv=None):
   d.spacing = args.spacing
   d.rotation_prob = args.rotation_prob
   d.workers = args.workers
+  d.worker_kind = args.worker_kind
   d.split = (1.0, 0.0, 0.0)      # every case is a training case
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_data_')
   cache_workers = args.workers if args.cache_workers is None else args.cache_workers
-  result = {'command': ' '.join(['python', 'experiments/bench_data.py'] + sys.argv[1:]),
-            'workers': args.workers, 'batch': args.batch,
+  result = {'load_average_before': [round(v, 2) for v in os.getloadavg()],
+            'command': ' '.join(['python', 'experiments/bench_data.py'] + sys.argv[1:]),
+            'workers': args.workers, 'worker_kind': args.worker_kind, 'threads': args.threads, 'touch': args.touch,
+            'batch': args.batch,
             'input_shape': list(args.input_shape), 'cpus': os.cpu_count()}
   try:
     t0 = time.perf_counter()
     prep = pipeline.prepare(config, workdir, workers=cache_workers, progress=False)
     build_s = time.perf_counter() - t0
-    loader = pipeline.make_train_loader(config, workdir, args.batch, seed=0, progress=False)
+    loader = pipeline.make_train_loader(config, workdir, args.batch, seed=0, progress=False,
+                                        threads=args.threads)
     n = len(loader.case_ids)
     steps = max(1, n // args.batch)
     result.update(cases=n, skipped=len(prep.skipped), steps_per_epoch=steps)
@@ -68,6 +79,9 @@ def main(argv=None):
       for _ in range(steps):
         batch = next(loader)
         assert batch['image'].shape[0] == args.batch
+        if args.touch:
+          copies = [np.array(v) for v in batch.values()]
+          del copies
         del batch
       epochs.append(time.perf_counter() - t)
     loader.close()
@@ -84,6 +98,7 @@ def main(argv=None):
   finally:
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
+  result['load_average_after'] = [round(v, 2) for v in os.getloadavg()]
   print(json.dumps(result, indent=1))
   return 0
 

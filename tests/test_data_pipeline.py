@@ -66,9 +66,10 @@ def test_same_seed_same_batches_and_other_seed_other_batches(setup):
     np.testing.assert_array_equal(x['label'], y['label'])
   assert any(not np.array_equal(x['image'], z['image']) for x, z in zip(ba, bc))
   # Threads in the main process do not change anything either.
-  d = _loader(setup, threads=1)
-  for x, y in zip(ba, _take(d, 4)):
-    np.testing.assert_array_equal(x['image'], y['image'])
+  for threads in (1, 2):
+    d = _loader(setup, threads=threads)
+    for x, y in zip(ba, _take(d, 4)):
+      np.testing.assert_array_equal(x['image'], y['image'])
 
 
 def test_epochs_cover_every_case_with_new_shuffles(setup):
