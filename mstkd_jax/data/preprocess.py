@@ -23,13 +23,11 @@ saves it with the original affine and header. Outside the box the restored volum
 import base64
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from typing import Optional
 
 from absl import logging
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
