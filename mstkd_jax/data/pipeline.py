@@ -58,6 +58,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 from typing import Sequence
 import uuid
 
@@ -262,6 +263,7 @@ class DrawAugmentation:
 _MADV_POPULATE_WRITE = getattr(mmap, 'MADV_POPULATE_WRITE', 23)
 _OPEN = collections.OrderedDict()
 _OPEN_MAX = 64
+_OPEN_LOCK = threading.Lock()
 
 
 def _open_entry(entry):
@@ -272,14 +274,16 @@ def _open_entry(entry):
   """
   st = os.stat(os.path.join(entry, 'image.npy'))
   key = (entry, st.st_ino, st.st_mtime_ns)   # a rebuilt entry is a new file
-  arrays = _OPEN.get(key)
-  if arrays is None:
-    arrays = cache.load_arrays(entry)
+  with _OPEN_LOCK:   # builder threads share the table
+    arrays = _OPEN.get(key)
+    if arrays is not None:
+      _OPEN.move_to_end(key)
+      return arrays
+  arrays = cache.load_arrays(entry)
+  with _OPEN_LOCK:
     _OPEN[key] = arrays
     while len(_OPEN) > _OPEN_MAX:
       _OPEN.popitem(last=False)
-  else:
-    _OPEN.move_to_end(key)
   return arrays
 
 
