@@ -72,6 +72,9 @@ def base_config():
   t = c.train = config_dict.ConfigDict()
   t.epochs = 250
   t.batch_size_per_device = 1
+  # False: the train state is replicated on every device; True: large arrays are split over
+  # the devices (ZeRO-3 / FSDP style; saves memory, same results). See docs/scaling.md.
+  t.shard_state = False
   t.steps_per_epoch = config_dict.placeholder(int)  # None = number of training cases / batch
   t.learning_rate = 1e-4
   t.b1 = 0.9

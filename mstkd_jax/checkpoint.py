@@ -3,64 +3,135 @@
 Layout of a workdir:
   <workdir>/checkpoints/<step>/state     the TrainState (teacher, student, discriminator,
                                          optimiser states, batch statistics, step)
-  <workdir>/checkpoints/<step>/data      the input pipeline's iterator state (JSON)
+  <workdir>/checkpoints/<step>/data      the input pipeline's iterator state, one JSON file per
+                                         process (``process_<i>-of-<n>.json``): every process
+                                         reads its own share of the data
   <workdir>/checkpoints/<step>/meta      JSON: config, epoch, step, best validation Dice
+  <workdir>/checkpoints/<step>/metrics   JSON: the validation Dice of that step, if any
 The manager keeps the last ``config.train.keep_checkpoints`` steps plus the one with the best
 validation Dice. Saves are asynchronous and atomic: Orbax writes into a temporary folder and
 renames it when complete, so a crash (even kill -9) mid-save leaves the previous checkpoint as
-the latest usable one.
+the latest usable one; the leftover temporary folder is removed when a manager next opens the
+directory. Every process calls ``save`` and ``restore``; Orbax writes each array shard once.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+VAL_METRIC = 'val_dice'
+
+
+# ---- the data-iterator state: one JSON file per process ----
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+  """Saves a JSON-able value per process (``process_<i>-of-<n>.json``) and restores this
+  process's own value: data-iterator states differ between processes, which read different
+  cases. Restoring with another process count returns None (the file is not there)."""
+
+  @staticmethod
+  def _filename(directory):
+    return epath.Path(directory) / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+  def save(self, directory, args: 'ProcessJsonSave'):
+    self._filename(directory).write_text(json.dumps(args.item))
+
+  def restore(self, directory, args: Optional['ProcessJsonRestore'] = None):
+    path = self._filename(directory)
+    if not path.exists():
+      return None
+    return json.loads(path.read_text())
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _best_metric(metrics):
+  return metrics[VAL_METRIC]
 
 
 def make_manager(directory, keep=3, read_only=False) -> ocp.CheckpointManager:
-  """A CheckpointManager over ``directory`` keeping the last ``keep`` steps and the best."""
+  """A CheckpointManager over ``directory`` keeping the last ``keep`` steps and the best
+  (highest validation Dice: ``manager.best_step()``)."""
   policy = ocm.AnyPreservationPolicy([
       ocm.LatestN(n=keep),
-      ocm.BestN(get_metric_fn=lambda m: m['val_dice'], reverse=False, n=1,
+      ocm.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
                 keep_checkpoints_without_metrics=False),
   ])
+  # best_fn makes Orbax write each step's metrics to disk and rank steps by it (best_step);
+  # the preservation policy above decides what is deleted.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, read_only=read_only,
+      preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'data', 'meta'))
 
 
-def save(manager, step, state, data_state: Optional[dict], meta: dict,
+def save(manager, step, state, data_state: Any, meta: dict,
          val_dice: Optional[float] = None, force=False):
-  """Saves state + iterator state + metadata at ``step`` (asynchronously)."""
-  metrics = {'val_dice': float(val_dice)} if val_dice is not None else None
+  """Saves state + this process's iterator state + metadata at ``step`` (asynchronously:
+  ``manager.wait_until_finished()`` waits for it). Call it on every process."""
+  metrics = {VAL_METRIC: float(val_dice)} if val_dice is not None else None
   return manager.save(
       int(step),
       args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave(data_state or {}),
+          data=ProcessJsonSave(data_state),
           meta=ocp.args.JsonSave(meta)),
       metrics=metrics, force=force)
 
 
-def restore(manager, step, abstract_state):
-  """Restores (state, data_state, meta) at ``step`` into the shapes/shardings of
-  ``abstract_state`` (a pytree of jax.ShapeDtypeStruct)."""
-  restored = manager.restore(
-      int(step),
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-  return restored['state'], restored['data'], restored['meta']
+def restore(manager, step, abstract_state, with_data=True):
+  """Restores (state, data_state, meta) at ``step`` into the shapes, dtypes and shardings of
+  ``abstract_state`` (a pytree of jax.ShapeDtypeStruct, e.g. ``abstract_like``).
+
+  data_state is this process's saved iterator state, or None when there is none (another
+  process count, or ``with_data=False``)."""
+  items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+  if with_data:
+    items['data'] = ProcessJsonRestore()
+  restored = manager.restore(int(step), args=ocp.args.Composite(**items))
+  data = restored['data'] if with_data else None
+  return restored['state'], data, restored['meta']
 
 
 def best_step(manager) -> Optional[int]:
-  return manager.best_step()
+  """The step with the highest validation Dice, or None when no step has one."""
+  scored = [s for s in manager.all_steps() if _scored(manager, s)]
+  return manager.best_step() if scored else None
+
+
+def _scored(manager, step):
+  try:
+    metrics = manager.metrics(step)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return bool(metrics) and VAL_METRIC in metrics
 
 
 def resolve_step(manager, which: Optional[str]) -> int:
@@ -71,7 +142,7 @@ def resolve_step(manager, which: Optional[str]) -> int:
   if which in (None, '', 'latest'):
     return manager.latest_step()
   if which == 'best':
-    best = manager.best_step()
+    best = best_step(manager)
     if best is None:
       raise FileNotFoundError(f'no checkpoint with a validation score in {manager.directory}')
     return best
@@ -83,11 +154,15 @@ def resolve_step(manager, which: Optional[str]) -> int:
 
 
 def abstract_like(tree, sharding=None) -> Any:
-  """ShapeDtypeStructs of ``tree`` (optionally with a sharding) as an Orbax restore target."""
-  def to_struct(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, 'sharding',
-                                                                              None))
-  return jax.tree.map(to_struct, tree)
+  """ShapeDtypeStructs of ``tree`` as an Orbax restore target, with ``sharding`` (one
+  sharding, a matching pytree of shardings, or None to keep each leaf's own)."""
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    def to_struct(x):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                  sharding=sharding or getattr(x, 'sharding', None))
+    return jax.tree.map(to_struct, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, sharding)
 
 
 # ---- single-network exports (the student for evaluation and prediction) ----
@@ -169,7 +244,7 @@ def load_network(config, location, which=None, network='student'):
   step = resolve_step(manager, which)
   abstract = step_lib.abstract_state(config, spe=1)
   try:
-    state, _, _ = restore(manager, step, abstract)
+    state, _, _ = restore(manager, step, abstract, with_data=False)
   except (ValueError, KeyError) as e:
     raise ValueError(f'checkpoint {directory}/{step} does not match this config '
                      f'(model {dict(config.model)}): {e}') from e

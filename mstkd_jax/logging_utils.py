@@ -2,11 +2,32 @@
 progress bar on terminals. Only process 0 writes (``enabled=False`` elsewhere)."""
 
 import json
+import logging as py_logging
 import os
 import sys
 import time
 
 from absl import logging
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  """Drops INFO/DEBUG records logged from inside the given packages (Orbax reports every
+  save in a dozen lines); warnings and errors pass."""
+
+  def __init__(self, packages):
+    super().__init__()
+    self._parts = tuple(f'{os.sep}{p}{os.sep}' for p in packages)
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or not any(
+        part in (record.pathname or '') for part in self._parts)
+
+
+def quiet_libraries(packages=('orbax', 'grain')):
+  """Keeps library INFO chatter (Orbax, grain) out of the training log."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter(packages))
 
 
 def describe_memory(compiled):

@@ -3,7 +3,14 @@
 Modes: ``train`` (default; trains, validates periodically, then evaluates the 15 modality
 subsets on the test split), ``eval`` (15-subset evaluation of a checkpoint), ``export`` (the
 student alone, for evaluation and prediction).
+
+Every local device is used (data parallelism). Several processes (hosts) join through
+``--coordinator/--num_processes/--process_id``, the ``MSTKD_*`` or ``JAX_*`` variables, or a
+SLURM job step (docs/scaling.md). Exit status: 0 done; 128 + signal after SIGTERM / SIGINT
+(a checkpoint was saved: re-run the same command to resume); 3 after a non-finite loss.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +29,7 @@ flags.DEFINE_bool('allow_config_change', False,
 flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,8 +42,13 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.mode == 'train':
     from mstkd_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir,
-                             allow_config_change=FLAGS.allow_config_change)
+    try:
+      train.train_and_evaluate(config, FLAGS.workdir,
+                               allow_config_change=FLAGS.allow_config_change,
+                               max_steps=FLAGS.max_steps)
+    except train.TrainingStopped as e:
+      logging.error('%s', e)
+      sys.exit(3)
   elif FLAGS.mode == 'eval':
     from mstkd_jax import evaluate
     evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)

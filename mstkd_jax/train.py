@@ -2,7 +2,13 @@
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m mstkd_jax.main --mode=train`` runs.
 Resume order: the workdir's latest checkpoint, else a fresh start. Re-running the same
-command with the same workdir continues exactly where it stopped (state, data order).
+command with the same workdir continues exactly where it stopped (state, data order), and
+refuses when the workdir was trained with a different config (``allow_config_change``).
+
+Faults: SIGTERM / SIGINT finish the current step, save a checkpoint and exit with status
+128 + signal (``Preempted``); a non-finite loss stops training (``TrainingStopped``, naming the
+step, the offending terms and the last good checkpoint) or, with ``train.nan_policy='skip'``,
+skips that update. Checkpoints are atomic, so a kill -9 leaves the previous one usable.
 """
 
 import functools
@@ -10,7 +16,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Callable, Iterator, Optional
 
@@ -29,10 +34,38 @@ class TrainingStopped(RuntimeError):
   """Training hit a non-finite loss (message names the step, terms, and last checkpoint)."""
 
 
-def create_state(config, mesh, spe):
-  """Initialises the TrainState directly into replicated device memory."""
-  init = functools.partial(step_lib.init_state, config, spe=spe)
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+class Preempted(SystemExit):
+  """A signal stopped training after a checkpoint was saved; exit status 128 + signal."""
+
+  def __init__(self, signum, step, directory):
+    super().__init__(128 + signum)
+    self.signum, self.step, self.directory = signum, step, directory
+    self.message = (f'stopped by signal {signum} ({signal.Signals(signum).name}) after step '
+                    f'{step}; checkpoint saved in {directory}. Re-run the same command to '
+                    'resume.')
+
+  def __str__(self):
+    return self.message
+
+
+def state_shardings(config, mesh, abstract_state):
+  """Replicated state, or split over the ``data`` axis with ``config.train.shard_state``."""
+  shard = bool(config.train.get('shard_state', False))
+  return parallel.state_shardings(abstract_state, mesh, shard=shard)
+
+
+def create_state(config, mesh, spe, shardings=None):
+  """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
+
+  The state is initialised on one device (so there is one initialisation program whatever the
+  mesh), brought to the host and copied to the devices: every process computes the same values
+  from ``config.seed`` and keeps only the pieces its devices hold.
+  """
+  init = jax.jit(functools.partial(step_lib.init_state, config, spe=spe))
+  host = jax.device_get(init(jax.random.key(config.seed)))
+  if shardings is None:
+    shardings = state_shardings(config, mesh, step_lib.abstract_state(config, spe))
+  return parallel.host_to_global(host, shardings)
 
 
 def batch_struct(config, global_batch_size, mesh):
@@ -43,45 +76,74 @@ def batch_struct(config, global_batch_size, mesh):
           'label': jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=sharding)}
 
 
-def compile_train_step(config, mesh, spe, abstract_state, global_batch_size):
+# Compiled steps of this process, by (config, devices, spe, batch, shardings): a second
+# train_loop in the same process (tests, notebooks) does not compile again.
+_COMPILED = {}
+
+
+def compile_train_step(config, mesh, spe, abstract_state, global_batch_size, shardings=None):
   """Lowers and compiles the training step ahead of time for these shapes and shardings.
 
-  The state is donated. Returns the compiled executable: call it as
+  The state is donated; the batch is sharded over ``data``; the key and the metrics are
+  replicated. Returns the compiled executable: call it as
   ``compiled(state, batch, rng) -> (state, metrics)``.
   """
+  if shardings is None:
+    shardings = state_shardings(config, mesh, abstract_state)
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+         int(spe), int(global_batch_size), repr(jax.tree.leaves(shardings)))
+  if key in _COMPILED:
+    return _COMPILED[key]
   rep = parallel.replicated(mesh)
   fn = jax.jit(functools.partial(step_lib.train_step, config=config, spe=spe),
-               in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-               out_shardings=(rep, rep), donate_argnums=(0,))
-  state_struct = ckpt.abstract_like(abstract_state, rep)
+               in_shardings=(shardings, parallel.batch_sharding(mesh), rep),
+               out_shardings=(shardings, rep), donate_argnums=(0,))
+  state_struct = ckpt.abstract_like(abstract_state, shardings)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-  return fn.lower(state_struct, batch_struct(config, global_batch_size, mesh), rng).compile()
+  compiled = fn.lower(state_struct, batch_struct(config, global_batch_size, mesh), rng).compile()
+  _COMPILED[key] = compiled
+  return compiled
+
+
+# Fields that may change between a run and its resumption: how long, how often to log,
+# validate and save, how to react to NaNs, how the work is spread over devices and workers.
+_RESUMABLE_CHANGES = {
+    'train': ('epochs', 'log_every', 'checkpoint_every', 'eval_every_epochs',
+              'keep_checkpoints', 'nan_policy', 'shard_state'),
+    'data': ('workers', 'worker_kind', 'cache_dir'),
+}
 
 
 def _config_for_comparison(config_dict):
-  """The parts of a config that must match to resume (everything but run-length/logging)."""
+  """The parts of a config that must match to resume (not run length, logging, evaluation,
+  or how the work is spread)."""
   d = json.loads(json.dumps(config_dict))
-  for key in ('epochs', 'log_every', 'checkpoint_every', 'eval_every_epochs',
-              'keep_checkpoints', 'nan_policy'):
-    d.get('train', {}).pop(key, None)
-  d.get('data', {}).pop('workers', None)
+  for section, keys in _RESUMABLE_CHANGES.items():
+    for key in keys:
+      d.get(section, {}).pop(key, None)
+  d.pop('eval', None)
   return d
 
 
 def check_workdir_config(config, workdir, allow_change=False):
-  """Refuses to resume a workdir that was trained with a different config."""
+  """Compares ``config`` with the workdir's ``config.json``; returns the differing fields.
+
+  Raises ValueError when a field that changes training differs, unless ``allow_change``.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return []
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
-  a, b = _config_for_comparison(old), _config_for_comparison(new)
-  if a != b and not allow_change:
-    diffs = sorted(_diff_keys(a, b))
+  diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
+  if diffs and not allow_change:
     raise ValueError(
         f'{path} holds a different config (fields differing: {", ".join(diffs)}). Use a new '
         '--workdir, or pass --allow_config_change to resume anyway.')
+  if diffs:
+    logging.warning('resuming with a changed config (allowed): %s', ', '.join(diffs))
+  return diffs
 
 
 def _diff_keys(a, b, prefix=''):
@@ -106,11 +168,12 @@ class _StopRequest:
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. some test runners)
+      except ValueError:  # not the main thread
         pass
     return self
 
   def _handle(self, signum, frame):
+    del frame
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C stops at once
     self.signal = signum
@@ -124,22 +187,25 @@ class _StopRequest:
 
 
 def _data_state(train_iter):
+  """The iterator's position as a JSON-able value (grain's bytes become a string)."""
   get_state = getattr(train_iter, 'get_state', None)
   if get_state is None:
-    return {}
+    return None
   state = get_state()
-  if isinstance(state, bytes):
-    state = state.decode('utf-8')
-  return {'iterator': state}
+  if isinstance(state, (bytes, bytearray)):
+    return {'bytes': state.decode('utf-8')}
+  return {'value': state}
 
 
 def _restore_data_state(train_iter, data_state):
-  if data_state and 'iterator' in data_state and hasattr(train_iter, 'set_state'):
-    state = data_state['iterator']
-    try:
-      train_iter.set_state(state)
-    except TypeError:
-      train_iter.set_state(state.encode('utf-8'))
+  """Puts the iterator back where the checkpoint was taken; False if it cannot."""
+  if not data_state or not hasattr(train_iter, 'set_state'):
+    return False
+  if 'bytes' in data_state:
+    train_iter.set_state(data_state['bytes'].encode('utf-8'))
+  else:
+    train_iter.set_state(data_state['value'])
+  return True
 
 
 def _summarise(metrics):
@@ -148,55 +214,64 @@ def _summarise(metrics):
 
 def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
                validate: Optional[Callable] = None, allow_config_change=False,
-               max_steps: Optional[int] = None):
-  """Runs training from ``train_iter`` (yields {'image','label'} NumPy batches of this
-  process's share) until ``epochs * spe`` steps (or ``max_steps``). Returns the final state.
+               max_steps: Optional[int] = None, mesh=None):
+  """Runs training from ``train_iter`` until ``epochs * spe`` steps (or ``max_steps``).
 
-  ``validate(state, epoch) -> dict`` (optional) runs every ``eval_every_epochs`` epochs; its
-  'dice' entry chooses the best checkpoint.
+  ``train_iter`` yields {'image', 'label'} NumPy batches of this process's share of the global
+  batch (``batch_size_per_device x local devices``); with ``get_state`` / ``set_state`` its
+  position is checkpointed too. ``validate(state, epoch) -> dict`` (optional) runs every
+  ``eval_every_epochs`` epochs; its 'dice' entry chooses the best checkpoint. Every process
+  runs this function. Returns the final state.
   """
+  t = config.train
   os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir, allow_config_change)
-  is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  mesh = parallel.make_mesh()
-  global_bs = config.train.batch_size_per_device * jax.device_count()
-  total_steps = int(config.train.epochs * spe)
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  global_bs = t.batch_size_per_device * mesh.size
+  total_steps = int(t.epochs * spe)
   if max_steps is not None:
     total_steps = min(total_steps, int(max_steps))
 
-  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'),
-                              keep=config.train.keep_checkpoints)
+  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
+  resuming = manager.latest_step() is not None
+  if resuming:
+    check_workdir_config(config, workdir, allow_config_change)
+  elif os.path.exists(os.path.join(workdir, 'config.json')):
+    logging.warning('%s has a config.json but no checkpoint: starting afresh', workdir)
+  parallel.sync('mstkd_config_checked')
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
   abstract = step_lib.abstract_state(config, spe)
+  shardings = state_shardings(config, mesh, abstract)
   best_dice = -math.inf
-  if manager.latest_step() is not None:
+  if resuming:
     start = manager.latest_step()
-    state, data_state, meta = ckpt.restore(
-        manager, start, ckpt.abstract_like(abstract, parallel.replicated(mesh)))
-    _restore_data_state(train_iter, data_state)
-    best_dice = meta.get('best_dice', best_dice) if meta.get('best_dice') is not None else \
-        -math.inf
+    state, data_state, meta = ckpt.restore(manager, start,
+                                           ckpt.abstract_like(abstract, shardings))
+    if not _restore_data_state(train_iter, data_state):
+      logging.warning('no data-iterator state restored (none saved for this process, or the '
+                      'iterator has no set_state): the data order restarts')
+    if meta.get('best_dice') is not None:
+      best_dice = float(meta['best_dice'])
     logging.info('resumed from %s at step %d', manager.directory, start)
   else:
-    state = create_state(config, mesh, spe)
+    state = create_state(config, mesh, spe, shardings)
     logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
                  step_lib.count_params(state.params['teacher']),
                  step_lib.count_params(state.params['student']),
                  step_lib.count_params(state.disc_params))
 
   t0 = time.time()
-  compiled = compile_train_step(config, mesh, spe, abstract, global_bs)
-  logging.info('compiled the training step in %.1f s; %s', time.time() - t0,
-               describe_memory(compiled))
-  rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
+  compiled = compile_train_step(config, mesh, spe, abstract, global_bs, shardings)
+  logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
+               time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
+  rng = parallel.replicated_key(config.seed + 1, mesh)
 
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
   step = int(state.step)
   first_step = step
-  last_saved = step if manager.latest_step() is not None else None
+  last_saved = step if resuming else None
   last_time, last_step_logged = time.time(), step
   progress = writer.progress(total=total_steps, initial=step)
 
@@ -204,88 +279,152 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
     return {'step': step, 'epoch': epoch, 'best_dice': None if best_dice == -math.inf
             else best_dice, 'config': json.loads(config.to_json_best_effort())}
 
-  def save(val_dice=None, force=False):
+  def save(data_state, val_dice=None, force=False):
     nonlocal last_saved
-    ckpt.save(manager, step, state, _data_state(train_iter), meta(step // spe),
-              val_dice=val_dice, force=force)
+    ckpt.save(manager, step, state, data_state, meta(step // spe), val_dice=val_dice,
+              force=force)
     last_saved = step
 
-  with _StopRequest() as stop:
-    while step < total_steps:
-      batch = parallel.global_batch(next(train_iter), mesh)
-      state, metrics = compiled(state, batch, rng)
-      step += 1
-      log_now = step % config.train.log_every == 0 or step == total_steps or \
-          step == first_step + 1
-      if log_now or config.train.nan_policy == 'stop':
+  def fetch():
+    return parallel.global_batch(next(train_iter), mesh)
+
+  try:
+    with _StopRequest() as stop:
+      batch = fetch() if step < total_steps else None
+      data_state = _data_state(train_iter)
+      while step < total_steps:
+        state, metrics = compiled(state, batch, rng)
+        step += 1
+        # The iterator has delivered exactly `step` batches: this is the position to save
+        # with this state. Then the next batch goes to the devices while this step runs.
+        data_state = _data_state(train_iter)
+        batch = fetch() if step < total_steps else None
+
         finite = bool(metrics['finite'])
         if not finite:
-          values = _summarise(metrics)
-          bad = [k for k, v in values.items() if not math.isfinite(v)]
-          if config.train.nan_policy == 'stop':
+          bad = sorted(k for k, v in _summarise(metrics).items() if not math.isfinite(v))
+          if t.nan_policy != 'skip':
             manager.wait_until_finished()
             last = manager.latest_step()
+            where = (f'the last good checkpoint is step {last} in {manager.directory}'
+                     if last is not None else 'no checkpoint was saved yet')
             raise TrainingStopped(
-                f'non-finite loss at step {step}: terms {", ".join(bad)} are NaN/Inf. The last '
-                f'good checkpoint is step {last} in {manager.directory}'
-                if last is not None else f'non-finite loss at step {step}: terms '
-                f'{", ".join(bad)} are NaN/Inf; no checkpoint was saved yet')
-          logging.warning('step %d: non-finite terms %s; update skipped', step, bad)
-      if log_now:
-        values = _summarise(metrics)
-        now = time.time()
-        steps_per_s = (step - last_step_logged) / max(now - last_time, 1e-9)
-        last_time, last_step_logged = now, step
-        values.update(steps_per_s=steps_per_s, volumes_per_s=steps_per_s * global_bs,
-                      eta_s=(total_steps - step) / max(steps_per_s, 1e-9))
-        writer.write(step, values)
-      progress.update(step)
-      epoch_done = step % spe == 0
-      epoch = step // spe
-      if validate is not None and epoch_done and (
-          epoch % config.train.eval_every_epochs == 0 or step == total_steps):
-        result = validate(state, epoch)
-        writer.write(step, {f'val_{k}': v for k, v in result.items()})
-        best_dice = max(best_dice, result['dice'])
-        save(val_dice=result['dice'])
-      elif step % config.train.checkpoint_every == 0:
-        save()
-      if stop.signal is not None:
-        save(force=True)
-        manager.wait_until_finished()
-        progress.close()
-        writer.close()
-        logging.warning('stopped by signal %d at step %d; checkpoint saved in %s. Re-run the '
-                        'same command to resume.', stop.signal, step, manager.directory)
-        sys.exit(128 + stop.signal)
-  if last_saved != step:
-    save(force=True)
-  manager.wait_until_finished()
-  progress.close()
-  writer.close()
+                f'non-finite loss at step {step} (epoch {(step - 1) // spe}): '
+                f'{", ".join(bad)} are NaN/Inf; {where}. Re-running resumes from it; '
+                "train.nan_policy='skip' skips such updates instead.")
+          logging.warning('step %d: non-finite %s; update skipped', step, ', '.join(bad))
+
+        if step % t.log_every == 0 or step == total_steps or step == first_step + 1:
+          values = _summarise(metrics)
+          now = time.time()
+          steps_per_s = (step - last_step_logged) / max(now - last_time, 1e-9)
+          last_time, last_step_logged = now, step
+          values.update(steps_per_s=steps_per_s, volumes_per_s=steps_per_s * global_bs,
+                        eta_s=(total_steps - step) / max(steps_per_s, 1e-9))
+          writer.write(step, values)
+        progress.update(step)
+
+        epoch = step // spe
+        if validate is not None and step % spe == 0 and (
+            epoch % t.eval_every_epochs == 0 or step == total_steps):
+          result = validate(state, epoch)
+          writer.write(step, {f'val_{k}': v for k, v in result.items()})
+          best_dice = max(best_dice, float(result['dice']))
+          save(data_state, val_dice=result['dice'])
+        elif step % t.checkpoint_every == 0:
+          save(data_state)
+
+        if parallel.any_process(stop.signal is not None):
+          if last_saved != step:
+            save(data_state, force=True)
+          manager.wait_until_finished()
+          stopped = Preempted(stop.signal or signal.SIGTERM, step, manager.directory)
+          logging.warning('%s', stopped.message)
+          raise stopped
+      if last_saved != step:
+        save(data_state, force=True)
+      manager.wait_until_finished()
+  finally:
+    progress.close()
+    writer.close()
   return state
+
+
+class RandomBatches:
+  """Endless random {'image', 'label'} batches for benchmarks and tests.
+
+  Batch ``i`` is a pure function of (seed, i), so the iterator has a position
+  (``get_state`` / ``set_state``, JSON bytes like grain's) and each process can take its own
+  rows of the same global batch (``process_index`` of ``process_count``). ``nan_at``: a batch
+  index whose image is NaN (fault tests).
+  """
+
+  def __init__(self, config, global_batch_size, seed=0, process_index=0, process_count=1,
+               nan_at=None):
+    if global_batch_size % process_count:
+      raise ValueError(f'global batch {global_batch_size} is not divisible by '
+                       f'{process_count} processes')
+    self.shape = step_lib.input_shape(config, global_batch_size)
+    self.num_classes = config.model.num_classes
+    self.seed = seed
+    self.local = global_batch_size // process_count
+    self.offset = process_index * self.local
+    self.nan_at = nan_at
+    self.index = 0
+    self.served = []   # indices delivered by this object (tests check the data order)
+
+  def batch(self, index):
+    rs = np.random.RandomState([self.seed, index])
+    image = rs.rand(*self.shape).astype(np.float32)
+    classes = rs.randint(0, self.num_classes, size=self.shape[:-1])
+    label = np.eye(self.num_classes, dtype=np.float32)[classes]
+    rows = slice(self.offset, self.offset + self.local)
+    image, label = image[rows], label[rows]
+    if index == self.nan_at:
+      image = np.full_like(image, np.nan)
+    return {'image': image, 'label': label}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    out = self.batch(self.index)
+    self.served.append(self.index)
+    self.index += 1
+    return out
+
+  def get_state(self):
+    return json.dumps({'index': self.index, 'seed': self.seed}).encode()
+
+  def set_state(self, state):
+    state = json.loads(state)
+    if state['seed'] != self.seed:
+      raise ValueError(f'iterator state of seed {state["seed"]}, not {self.seed}')
+    self.index = int(state['index'])
 
 
 def random_batches(config, batch_size, seed=0):
   """Endless random {'image', 'label'} batches (benchmarks, smoke tests)."""
-  rs = np.random.RandomState(seed)
-  shape = step_lib.input_shape(config, batch_size)
-  while True:
-    image = rs.rand(*shape).astype(np.float32)
-    classes = rs.randint(0, config.model.num_classes, size=shape[:-1])
-    label = np.eye(config.model.num_classes, dtype=np.float32)[classes]
-    yield {'image': image, 'label': label}
+  return RandomBatches(config, batch_size, seed)
 
 
 def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=None):
   """Trains on ``config.data`` (synthetic cases when no root is given), validating every
   ``eval_every_epochs`` epochs, then evaluates the 15 modality subsets on the test split."""
+  os.makedirs(workdir, exist_ok=True)
+  # Refuse a workdir of another config before any data work (train_loop checks again).
+  if ckpt.make_manager(os.path.join(workdir, 'checkpoints'),
+                       read_only=True).latest_step() is not None:
+    check_workdir_config(config, workdir, allow_config_change)
+
   from mstkd_jax.data import pipeline
   from mstkd_jax import evaluate
-
-  os.makedirs(workdir, exist_ok=True)
-  root = pipeline.resolve_root(config, workdir)
-  logging.info('data: %s', root)
+  if parallel.is_main_process():
+    # Process 0 writes synthetic cases, the split and the preprocessing cache; the others
+    # wait, then find them in place (on a shared filesystem).
+    logging.info('data: %s', pipeline.resolve_root(config, workdir))
+    pipeline.prepare(config, workdir)
+  parallel.sync('mstkd_data_prepared')
   split = pipeline.make_split(config, workdir)
   per_process_batch = config.train.batch_size_per_device * jax.local_device_count()
   train_iter = pipeline.make_train_loader(
