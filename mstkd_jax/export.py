@@ -1,0 +1,120 @@
+"""``--mode=export``: the student alone, for evaluation and prediction.
+
+    python -m mstkd_jax.main --config=configs/brats.py --workdir=runs/brats --mode=export \
+        [--checkpoint=best] [--out=runs/brats/student]
+
+writes (default ``<workdir>/export``):
+
+  variables/          Orbax checkpoint of the student's {'params', 'batch_stats'} (no teacher,
+                      discriminator or optimiser states: about 1/6 of a training checkpoint)
+  config.json         the full training config (model size, input shape, label layout, ...)
+  preprocessing.json  what a new patient needs before the network: input shape, intensity
+                      normalisation, voxel spacing, channel order
+  manifest.json       what this folder is and where it came from (workdir, step)
+
+``python -m mstkd_jax.main --mode=eval --checkpoint=<export folder>`` and
+``python -m mstkd_jax.predict --checkpoint <export folder>`` accept it.
+"""
+
+import json
+import os
+
+from absl import logging
+import jax
+
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax.subsets import MODALITIES, MODALITY_KEYS
+
+# Fields that must agree between the config a network was trained with and the one it is used
+# with: everything that shapes the parameters or the input the network expects.
+COMPATIBLE_FIELDS = (
+    ('model', None),                   # every model field
+    ('data', 'input_shape'),
+    ('data', 'normalization'),
+    ('data', 'spacing'),
+    ('dtype', None),
+)
+
+
+def _field(config, section, name):
+  node = config.get(section) if hasattr(config, 'get') else None
+  if name is None:
+    return node.to_dict() if hasattr(node, 'to_dict') else node
+  return node.get(name) if node is not None and hasattr(node, 'get') else None
+
+
+def _normalise(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def check_compatible(config, saved_config, location=''):
+  """Raises ValueError naming every differing field when ``config`` cannot use a network
+  trained with ``saved_config`` (model size, input shape, normalisation, spacing, dtype)."""
+  diffs = []
+  for section, name in COMPATIBLE_FIELDS:
+    a, b = _normalise(_field(config, section, name)), _normalise(_field(saved_config, section,
+                                                                        name))
+    if a == b:
+      continue
+    if isinstance(a, dict) and isinstance(b, dict):
+      for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+          diffs.append(f'{section}.{key}: config {a.get(key)!r}, checkpoint {b.get(key)!r}')
+    else:
+      where = f'{section}.{name}' if name else section
+      diffs.append(f'{where}: config {a!r}, checkpoint {b!r}')
+  if diffs:
+    raise ValueError(f'the checkpoint {location} was trained with another config: '
+                     + '; '.join(diffs) + '. Use the config it was trained with (its '
+                     'config.json), or no --config at all where the command allows it.')
+
+
+def preprocessing_settings(config):
+  """The preprocessing a new patient needs, as a JSON-ready dict."""
+  from mstkd_jax.data import pipeline
+  settings = pipeline.settings(config).as_dict()
+  settings.update(channels=list(MODALITIES), channel_keys=list(MODALITY_KEYS),
+                  layout=config.data.layout, missing_modality='zero channel')
+  return settings
+
+
+def export_student(config, workdir, checkpoint=None, out=None):
+  """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
+  ``out`` (default ``<workdir>/export``); returns the folder."""
+  out = os.path.abspath(out or os.path.join(workdir, 'export'))
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: nothing to export')
+  manager = ckpt.make_manager(directory, read_only=True)
+  step = ckpt.resolve_step(manager, checkpoint)
+  variables = ckpt.load_network(config, workdir, str(step), network='student')
+  source = f'{os.path.abspath(workdir)} step {step}'
+  ckpt.save_network(out, variables, config, network='student', source=source)
+  if jax.process_index() == 0:
+    with open(os.path.join(out, 'preprocessing.json'), 'w') as f:
+      json.dump(preprocessing_settings(config), f, indent=2)
+    manifest_path = os.path.join(out, ckpt.EXPORT_MANIFEST)
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    manifest.update(workdir=os.path.abspath(workdir), step=int(step),
+                    which=checkpoint or 'latest')
+    with open(manifest_path, 'w') as f:
+      json.dump(manifest, f, indent=2)
+  size = folder_bytes(out)
+  train_size = folder_bytes(os.path.join(directory, str(step)))
+  logging.info('exported the student of %s to %s: %.1f MB (training checkpoint %.1f MB)',
+               source, out, size / 1e6, train_size / 1e6)
+  print(f'Exported the student ({source}) to {out}: {size / 1e6:.1f} MB, the training '
+        f'checkpoint is {train_size / 1e6:.1f} MB.', flush=True)
+  return out
+
+
+def folder_bytes(path):
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total

@@ -1,0 +1,342 @@
+r"""Segment new patients with a trained student: NIfTI in, NIfTI out in the input's geometry.
+
+One patient (any non-empty subset of the four modalities; the BraTS 2021 names are aliases)::
+
+    python -m mstkd_jax.predict --checkpoint runs/brats/export \
+        --t2f BraTS-GLI-00005-100-t2f.nii.gz --t1c BraTS-GLI-00005-100-t1c.nii.gz \
+        --out seg.nii.gz [--save-probabilities] [--labels brats2024|brats2021]
+
+Every case folder under a folder (BraTS 2024 or 2021 file names; missing modalities are
+simply absent, ``seg`` files are ignored)::
+
+    python -m mstkd_jax.predict --checkpoint runs/brats/export --input-dir /data/new \
+        --out /data/new-segs          # writes /data/new-segs/<case id>.nii.gz
+
+``--checkpoint`` is an exported student (``--mode=export``) or a training workdir (then
+``--step latest|best|N`` picks the checkpoint). The preprocessing (intensity scaling, voxel
+spacing, the box around the brain) comes from the checkpoint's config, so no config is needed;
+``--config`` only checks that the checkpoint is the one expected.
+
+What comes out:
+
+* the segmentation has the input's exact shape, affine and header (data type uint8); voxels
+  outside the box the model saw are background;
+* labels: ``brats2024`` 1 NETC, 2 SNFH, 3 ET; ``brats2021`` (also FeTS, BraTS 2018-2021)
+  1 NCR, 2 ED, 4 ET. Default: the checkpoint config's data layout, or when that is 'auto', the
+  convention the input file names follow (``_flair``/``_t1ce``: brats2021; ``-t2f``/``-t1c``:
+  brats2024), else the option names used (--flair... or --t2f...);
+* each voxel gets the label of the innermost region it is in: ET if the ET channel is on, else
+  NETC/NCR if the core channel is on, else SNFH/ED if the oedema channel is on. The regions nest
+  (ET within TC within WT), so WT, TC and ET computed back from the written labels are exactly
+  the unions of thresholded channels the metrics use (WT = ch0|ch1|ch2, TC = ch0|ch2, ET = ch2);
+* where the brain box is larger than the model's input, overlapping windows (``--overlap``,
+  default 0.5) are blended with Gaussian weights (``--blend uniform`` for plain averaging);
+* ``--save-probabilities`` also writes the four sigmoid channels (NETC/NCR, SNFH/ED, ET,
+  background) as a float32 4D NIfTI in the same geometry (``<out>_probs.nii.gz``); when the
+  model works at another voxel size they are resampled trilinearly, and the segmentation is the
+  thresholded resampled probabilities.
+
+Errors are reported in one line (exit status 2): no modality given, a missing or unreadable
+file, files of different shapes or affines, a checkpoint trained with another config.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import time
+from typing import Optional
+
+from absl import logging
+import numpy as np
+
+# Command-line names of each channel (FLAIR, T1, T1Gd, T2): BraTS 2024 first, then 2021.
+CHANNEL_OPTIONS = (('t2f', 'flair'), ('t1n', 't1'), ('t1c', 't1ce'), ('t2w', 't2'))
+LABEL_CHOICES = ('auto', 'brats2024', 'brats2021')
+
+
+class PredictionError(ValueError):
+  """A problem with the inputs or the checkpoint, with a message meant for the user."""
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded network: its config, variables (placed on the devices) and inference."""
+  config: object
+  variables: dict
+  inference: object
+  source: str
+
+
+def load_config_file(spec):
+  """``path/to/config.py[:variant]`` -> ConfigDict (as ``--config`` of main.py)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise PredictionError(f'config file {path} not found')
+  module_spec = importlib.util.spec_from_file_location('_predict_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
+  """An exported student or a training workdir's student (``step``: latest, best or N).
+
+  ``config`` (optional) must be compatible with the checkpoint's own (export.check_compatible).
+  """
+  from mstkd_jax import checkpoint as ckpt
+  from mstkd_jax import evaluate
+  from mstkd_jax import export
+  if not os.path.isdir(checkpoint):
+    raise PredictionError(f'checkpoint {checkpoint} is not a folder (an exported student or a '
+                          'training workdir)')
+  try:
+    saved = ckpt.load_config(checkpoint)
+  except FileNotFoundError as e:
+    raise PredictionError(str(e)) from e
+  if config is not None:
+    export.check_compatible(config, saved, checkpoint)
+  use = saved
+  try:
+    if ckpt.is_network_export(checkpoint):
+      if step not in (None, 'latest'):
+        raise PredictionError(f'{checkpoint} is an exported network: --step does not apply')
+      variables = ckpt.load_network(use, checkpoint)
+      source = f'export {os.path.abspath(checkpoint)}'
+    else:
+      variables = ckpt.load_network(use, checkpoint, step)
+      source = f'{os.path.abspath(checkpoint)} ({step or "latest"})'
+  except (ValueError, KeyError) as e:
+    if isinstance(e, PredictionError):
+      raise
+    raise PredictionError(f'cannot load the network from {checkpoint}: its weights do not fit '
+                          f'its config.json (a checkpoint from another config?): {e}') from e
+  inference = evaluate.get_inference(use, batch_size)
+  return Model(use, inference.place(variables), inference, source)
+
+
+def _layout_from_names(paths):
+  """'brats2021' / 'brats2024' when every named file follows one convention, else None."""
+  from mstkd_jax.data import layouts
+  votes = set()
+  for path in paths:
+    stem = (layouts.strip_nifti_suffix(os.path.basename(str(path))) or '').lower()
+    for layout in ('brats2021', 'brats2024'):
+      lay = layouts.get_layout(layout)
+      if any(stem == key or stem.endswith(lay.sep + key) for key in lay.image_keys):
+        votes.add(layout)
+  return votes.pop() if len(votes) == 1 else None
+
+
+def resolve_labels(labels, config, paths, option_names=()):
+  """The label convention to write: explicit, the config's layout, the file names, the option
+  names, else brats2024."""
+  from mstkd_jax.data import layouts
+  if labels not in LABEL_CHOICES:
+    raise PredictionError(f'--labels must be one of {LABEL_CHOICES}, got {labels!r}')
+  if labels != 'auto':
+    return labels
+  layout = str(config.data.get('layout', 'auto') or 'auto')
+  if layout != 'auto':
+    return layouts.get_layout(layout).name
+  by_names = _layout_from_names(paths)
+  if by_names:
+    return by_names
+  names = {str(n).lower() for n in option_names}
+  if names and names <= {'flair', 't1', 't1ce', 't2'}:
+    return 'brats2021'
+  return 'brats2024'
+
+
+def probs_to_labels(probs, layout, threshold=0.5):
+  """[..., >=3] channel probabilities -> uint8 labels of ``layout`` (innermost region wins)."""
+  from mstkd_jax.data import layouts
+  probs = np.asarray(probs)
+  netc, snfh, et = (probs[..., c] > threshold for c in range(3))
+  codes = np.zeros(probs.shape[:-1], np.uint8)
+  codes[snfh] = layouts.EDEMA
+  codes[netc] = layouts.CORE
+  codes[et] = layouts.ENHANCING
+  return layouts.codes_to_labels(codes, layout)
+
+
+@dataclasses.dataclass
+class Prediction:
+  labels: np.ndarray          # original grid, uint8 label values of ``layout``
+  probabilities: np.ndarray   # original grid, float32 [..., 4]
+  layout: str
+  meta: dict
+  present: tuple              # which modalities were given
+
+
+def _check_paths(paths):
+  given = {k: v for k, v in paths.items() if v}
+  if not given:
+    raise PredictionError('no modality given: pass at least one of --t2f/--flair, --t1n/--t1, '
+                          '--t1c/--t1ce, --t2w/--t2')
+  missing = [str(p) for p in given.values() if not os.path.isfile(p)]
+  if missing:
+    raise PredictionError(f'file(s) not found: {", ".join(missing)}')
+  return given
+
+
+def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,
+                  case_id='patient', option_names=()) -> Prediction:
+  """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
+  T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset."""
+  from mstkd_jax.data import pipeline
+  from mstkd_jax.data.layouts import BadCaseError
+  given = _check_paths(paths)
+  layout = resolve_labels(labels, model.config, given.values(), option_names)
+  try:
+    image, meta = pipeline.preprocess_patient(given, model.config, case_id=case_id)
+  except BadCaseError as e:
+    raise PredictionError('; '.join(str(p) for p in e.problems)) from e
+  except ValueError as e:
+    raise PredictionError(str(e)) from e
+  box_probs = model.inference.predict(model.variables, image[None], overlap=overlap,
+                                      blend=blend)[0]
+  probs = pipeline.restore_geometry(box_probs, meta, order=1).astype(np.float32)
+  # Outside the box the model saw nothing: background with probability 1 there.
+  seen = pipeline.restore_geometry(np.ones(box_probs.shape[:3], np.float32), meta, order=1)
+  probs[..., 3] += 1.0 - seen
+  seg = probs_to_labels(probs, layout, threshold)
+  return Prediction(seg, probs, layout, meta, tuple(meta['present']))
+
+
+def write_prediction(prediction: Prediction, out, save_probabilities=False):
+  """Writes the segmentation (and ``<out>_probs.nii.gz``); returns the written paths."""
+  from mstkd_jax.data import pipeline
+  pipeline.write_nifti(prediction.labels, prediction.meta, out, dtype=np.uint8)
+  written = [out]
+  if save_probabilities:
+    path = probabilities_path(out)
+    pipeline.write_nifti(prediction.probabilities, prediction.meta, path, dtype=np.float32)
+    written.append(path)
+  return written
+
+
+def probabilities_path(out):
+  for suffix in ('.nii.gz', '.nii'):
+    if out.endswith(suffix):
+      return out[:-len(suffix)] + '_probs' + suffix
+  return out + '_probs.nii.gz'
+
+
+def _case_paths(case):
+  """{modality key: path} of the images a discovered case folder has."""
+  from mstkd_jax.data import layouts
+  blocking = [p for p in case.problems
+              if not p.message.startswith(('missing modality', 'missing label'))]
+  if blocking:
+    raise PredictionError('; '.join(str(p) for p in blocking))
+  return {key: path for key, path in zip(layouts.CHANNEL_KEYS, case.images) if path}
+
+
+def predict_folder(model, input_dir, out_dir, labels='auto', save_probabilities=False,
+                   **kwargs):
+  """Segments every case folder under ``input_dir`` into ``out_dir/<case id>.nii.gz``.
+  Returns (written paths, {case id: error message})."""
+  from mstkd_jax.data import layouts
+  from mstkd_jax import evaluate
+  try:
+    cases = layouts.discover_cases(input_dir, 'auto')
+  except layouts.DataError as e:
+    raise PredictionError(str(e)) from e
+  os.makedirs(out_dir, exist_ok=True)
+  written, failed = [], {}
+  bar = evaluate.Progress(len(cases), 'predict')
+  for case in cases:
+    try:
+      paths = _case_paths(case)
+      # With labels='auto' and an 'auto' config layout, the case's file names decide.
+      prediction = predict_files(model, paths, labels=labels, case_id=case.case_id, **kwargs)
+      out = os.path.join(out_dir, f'{case.case_id}.nii.gz')
+      written += write_prediction(prediction, out, save_probabilities)
+    except PredictionError as e:
+      failed[case.case_id] = str(e)
+      logging.error('%s: %s', case.case_id, e)
+    bar.update()
+  bar.close()
+  return written, failed
+
+
+def build_parser():
+  p = argparse.ArgumentParser(
+      prog='python -m mstkd_jax.predict',
+      description='Segment brain tumours (WT/TC/ET) from any subset of FLAIR, T1, T1Gd, T2.')
+  p.add_argument('--checkpoint', required=True,
+                 help='exported student folder (--mode=export) or training workdir')
+  p.add_argument('--step', default=None,
+                 help="training workdir only: 'latest' (default), 'best' or a step number")
+  for names, what in zip(CHANNEL_OPTIONS, ('FLAIR', 'T1', 'T1Gd (T1ce)', 'T2')):
+    p.add_argument(*[f'--{n}' for n in names], dest=names[0], metavar='FILE',
+                   help=f'{what} NIfTI file')
+  p.add_argument('--input-dir', help='segment every case folder under this folder instead')
+  p.add_argument('--out', required=True,
+                 help='output .nii.gz (one patient) or folder (with --input-dir)')
+  p.add_argument('--labels', choices=LABEL_CHOICES, default='auto',
+                 help='label values to write: brats2024 (1 NETC, 2 SNFH, 3 ET) or brats2021 '
+                      '(1 NCR, 2 ED, 4 ET); auto: the checkpoint config, else the file names')
+  p.add_argument('--save-probabilities', action='store_true',
+                 help='also write the 4 sigmoid channels as float32 <out>_probs.nii.gz')
+  p.add_argument('--threshold', type=float, default=0.5)
+  p.add_argument('--overlap', type=float, default=None,
+                 help='sliding windows: overlap fraction (default config.eval.overlap, 0.5)')
+  p.add_argument('--blend', choices=('gaussian', 'uniform'), default=None)
+  p.add_argument('--batch-size', type=int, default=None, help='windows per forward pass')
+  p.add_argument('--config', default=None,
+                 help='optional configs/X.py[:variant] the checkpoint must be compatible with')
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
+  options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}
+  used = []
+  raw = sys.argv[1:] if argv is None else list(argv)
+  for token in raw:
+    name = token.split('=', 1)[0].lstrip('-').lower()
+    if name in {n for names in CHANNEL_OPTIONS for n in names}:
+      used.append(name)
+  try:
+    if args.input_dir and any(options.values()):
+      raise PredictionError('give either modality files or --input-dir, not both')
+    if not args.input_dir:
+      _check_paths(options)
+    config = load_config_file(args.config) if args.config else None
+    t0 = time.time()
+    model = load_model(args.checkpoint, args.step, config, args.batch_size)
+    kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend)
+    if args.input_dir:
+      written, failed = predict_folder(model, args.input_dir, args.out, args.labels,
+                                       args.save_probabilities, **kwargs)
+      print(f'{len(written)} file(s) written to {args.out} in {time.time() - t0:.1f} s')
+      if failed:
+        for case_id, message in failed.items():
+          print(f'error: {case_id}: {message}', file=sys.stderr)
+        return 1
+      return 0
+    prediction = predict_files(model, options, labels=args.labels, option_names=used,
+                               **kwargs)
+    written = write_prediction(prediction, args.out, args.save_probabilities)
+  except (PredictionError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except ValueError as e:  # config compatibility and other checks
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  counts = {int(v): int(n) for v, n in zip(*np.unique(prediction.labels, return_counts=True))}
+  present = '+'.join(m for m, on in zip(('FLAIR', 'T1', 'T1Gd', 'T2'), prediction.present) if on)
+  print(f'{", ".join(written)}: {prediction.layout} labels {counts} from {present} '
+        f'({model.source}, {time.time() - t0:.1f} s)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
