@@ -104,9 +104,13 @@ def blend_weights(window, mode='gaussian'):
 
 
 def _local_copy(x):
-  """A host copy of a replicated array that spans other processes' devices (multi-host)."""
+  """A host copy of an array that spans other processes' devices (multi-host): replicated
+  arrays are read locally, sharded ones gathered (a collective: every process calls it)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return x
 
 
@@ -349,7 +353,7 @@ def output_dir(workdir, split):
   return os.path.join(workdir, 'eval' if split == 'test' else f'eval_{split}')
 
 
-def _evaluate_and_report(config, workdir, student, teacher, split, source):
+def _evaluate_and_report(config, workdir, student, teacher, split, source, out=None):
   from mstkd_jax.data import pipeline
   sliding = bool(_eval_field(config, 'sliding_window', False))
   cases = pipeline.load_eval_cases(config, workdir, split=split, full_box=sliding)
@@ -362,7 +366,7 @@ def _evaluate_and_report(config, workdir, student, teacher, split, source):
   rows = evaluate_cases(config, cases, student, teacher, ALL_SUBSETS, sliding,
                         desc=f'evaluate {split}')
   seconds = time.time() - t0
-  out = output_dir(workdir, split)
+  out = out or output_dir(workdir, split)
   convention = _eval_field(config, 'hd95_convention', 'brats')
   summary = report.summarize(rows, convention)
   if jax.process_index() == 0:
@@ -406,7 +410,7 @@ def load_for_evaluation(config, workdir, checkpoint=None):
   step = ckpt.resolve_step(manager, which)
   abstract = step_lib.abstract_state(config, spe=1)
   try:
-    state, _, _ = ckpt.restore(manager, step, abstract)
+    state, _, _ = ckpt.restore(manager, step, abstract, with_data=False)
   except (ValueError, KeyError) as e:
     raise ValueError(f'checkpoint {directory}/{step} does not match this config (model '
                      f'{dict(config.model)}): {e}') from e
@@ -414,11 +418,12 @@ def load_for_evaluation(config, workdir, checkpoint=None):
   return network_variables(state, 'student'), network_variables(state, 'teacher'), label
 
 
-def evaluate_checkpoint(config, workdir, checkpoint=None, split='test'):
+def evaluate_checkpoint(config, workdir, checkpoint=None, split='test', out=None):
   """``--mode=eval``: restores ``checkpoint`` (see ``load_for_evaluation``) and evaluates the
-  15 subsets on ``split``; writes ``<workdir>/eval`` (or ``eval_<split>``). Returns the summary."""
+  15 subsets on ``split``; writes ``out`` (default ``<workdir>/eval``, ``eval_<split>`` for
+  other splits). Returns the summary."""
   student, teacher, source = load_for_evaluation(config, workdir, checkpoint)
-  return _evaluate_and_report(config, workdir, student, teacher, split, source)
+  return _evaluate_and_report(config, workdir, student, teacher, split, source, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""Exporting the student: contents, size, identical outputs, and use by evaluation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import evaluate
+from mstkd_jax import export
+from tests import helpers_eval
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  return helpers_eval.trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  return helpers_eval.exported(tmp_path_factory)
+
+
+def test_export_contents_and_size(run, exported):
+  assert sorted(os.listdir(exported)) == ['config.json', 'manifest.json', 'preprocessing.json',
+                                          'variables']
+  with open(os.path.join(exported, 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert manifest['network'] == 'student' and manifest['step'] == 2
+  with open(os.path.join(exported, 'preprocessing.json')) as f:
+    prep = json.load(f)
+  assert prep['input_shape'] == list(run.config.data.input_shape)
+  assert prep['normalization'] == run.config.data.normalization
+  assert prep['channels'] == ['FLAIR', 'T1', 'T1Gd', 'T2']
+  assert json.loads(json.dumps(ckpt.load_config(exported).model.to_dict())) == \
+      json.loads(json.dumps(run.config.model.to_dict()))
+  size = export.folder_bytes(exported)
+  train_size = export.folder_bytes(os.path.join(run.workdir, 'checkpoints', '2'))
+  # teacher + student + discriminator + two Adam states against the student alone
+  assert size < 0.3 * train_size, (size, train_size)
+
+
+def test_exported_student_gives_the_same_probabilities(run, exported):
+  from_export = ckpt.load_network(run.config, exported)
+  from_workdir = ckpt.load_network(run.config, run.workdir, 'latest')
+  inference = evaluate.get_inference(run.config)
+  rs = np.random.RandomState(1)
+  images = rs.rand(3, *run.config.data.input_shape, 4).astype(np.float32)
+  images[1, ..., 1:3] = 0.0   # a missing-modality input too
+  a = inference.run(inference.place(from_export), images)
+  b = inference.run(inference.place(from_workdir), images)
+  c = inference.run(inference.place(evaluate.network_variables(run.state, 'student')), images)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, c)
+
+
+def test_evaluation_accepts_the_export(run, exported, tmp_path):
+  summary = evaluate.evaluate_checkpoint(run.config, run.workdir, exported, split='test',
+                                         out=str(tmp_path))
+  assert 'teacher' not in summary            # an export has no teacher row
+  assert summary['source'].startswith('export ')
+  with open(os.path.join(run.workdir, 'eval', 'summary.json')) as f:
+    reference = json.load(f)
+  for region in ('WT', 'TC', 'ET'):
+    for metric in ('dice', 'hd95'):
+      assert summary['average_over_subsets'][region][metric] == pytest.approx(
+          reference['average_over_subsets'][region][metric])
+
+
+def test_export_refuses_another_config(run, exported):
+  other = helpers_eval.tiny_eval_config()
+  other.model.init_channels = 8
+  other.data.input_shape = (48, 48, 48)
+  with pytest.raises(ValueError, match='trained with another config') as info:
+    evaluate.evaluate_checkpoint(other, run.workdir, exported)
+  assert 'model.init_channels: config 8, checkpoint 4' in str(info.value)
+  assert 'data.input_shape' in str(info.value)

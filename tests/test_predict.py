@@ -1,0 +1,234 @@
+"""Prediction on new patients: output geometry for inputs larger than, equal to and smaller than
+the model's input and for every modality subset, label conventions, probabilities, the folder
+mode, the figure, and every error the command reports."""
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mstkd_jax import metrics as metrics_lib
+from mstkd_jax import predict
+from mstkd_jax import visualize
+from mstkd_jax.data import pipeline
+from mstkd_jax.subsets import ALL_SUBSETS
+from tests import helpers_eval
+
+KEYS_2021 = ('flair', 't1', 't1ce', 't2')
+KEYS_2024 = ('t2f', 't1n', 't1c', 't2w')
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  return helpers_eval.exported(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def model(exported):
+  return predict.load_model(exported)
+
+
+def oblique_affine(zooms=(1.0, 1.2, 2.0)):
+  angle = 0.2
+  rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                  [0, 0, 1]])
+  affine = np.eye(4)
+  affine[:3, :3] = rot @ np.diag(zooms)
+  affine[:3, 3] = (-40.0, 25.0, -12.5)
+  return affine
+
+
+def write_patient(folder, shape, case_id='P1', layout='brats2021', affine=None, seed=0,
+                  keys=None, shapes=None):
+  """A case folder with a brain filling ~90 % of `shape` and a bright lesion; returns
+  {key: path}. `shapes`/`affine` per key can differ (for the error tests)."""
+  os.makedirs(folder, exist_ok=True)
+  rs = np.random.RandomState(seed)
+  sep, all_keys = ('_', KEYS_2021) if layout == 'brats2021' else ('-', KEYS_2024)
+  paths = {}
+  for c, key in enumerate(all_keys):
+    if keys is not None and key not in keys:
+      continue
+    s = tuple(shapes[key]) if shapes and key in shapes else tuple(shape)
+    grid = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) / (0.45 * n) for n in s], indexing='ij')
+    r = np.sqrt(sum(g ** 2 for g in grid))
+    data = np.where(r < 1, 200 + 50 * c + rs.randint(0, 40, s), 0)
+    data[(r < 0.35) & (grid[0] > 0)] += 300
+    img = nib.Nifti1Image(data.astype(np.int16), None)
+    aff = affine[key] if isinstance(affine, dict) else (
+        oblique_affine() if affine is None else affine)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=2)
+    img.header['descrip'] = b'mstkd test volume'
+    img.header.set_xyzt_units('mm', 'sec')
+    path = os.path.join(folder, f'{case_id}{sep}{key}.nii.gz')
+    nib.save(img, path)
+    paths[key] = path
+  return paths
+
+
+def assert_same_geometry(out_path, ref_path, channels=None):
+  out, ref = nib.load(out_path), nib.load(ref_path)
+  expected = ref.shape + ((channels,) if channels else ())
+  assert out.shape == expected
+  np.testing.assert_allclose(out.affine, ref.affine, atol=1e-5)
+  np.testing.assert_allclose(out.header.get_qform(), ref.header.get_qform(), atol=1e-5)
+  np.testing.assert_allclose(out.header.get_sform(), ref.header.get_sform(), atol=1e-5)
+  assert int(out.header['qform_code']) == int(ref.header['qform_code'])
+  assert int(out.header['sform_code']) == int(ref.header['sform_code'])
+  np.testing.assert_allclose(out.header.get_zooms()[:3], ref.header.get_zooms()[:3])
+  assert out.header['descrip'] == ref.header['descrip']
+
+
+@pytest.mark.parametrize('name,shape', [('larger', (48, 40, 36)), ('equal', (32, 32, 32)),
+                                        ('smaller', (24, 28, 20))])
+def test_geometry_for_every_subset(model, tmp_path, name, shape):
+  paths = write_patient(str(tmp_path / 'in'), shape, seed=len(name))
+  window = tuple(model.config.data.input_shape)
+  for subset in ALL_SUBSETS:
+    given = {k: p for k, p, on in zip(KEYS_2021, paths.values(), subset) if on}
+    prediction = predict.predict_files(model, given)
+    assert prediction.present == subset
+    out = str(tmp_path / f'seg_{"".join("1" if s else "0" for s in subset)}.nii.gz')
+    predict.write_prediction(prediction, out)
+    assert_same_geometry(out, paths['flair'])
+    labels = np.asarray(nib.load(out).dataobj)
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    # Outside the box the model saw, everything is background.
+    seen = pipeline.restore_geometry(np.ones(prediction.meta['box_size'], np.float32),
+                                     prediction.meta, order=0)
+    assert not labels[seen == 0].any()
+    outside = prediction.probabilities[seen == 0]
+    assert (outside[:, :3] == 0).all() and (outside[:, 3] == 1).all()
+  box = tuple(prediction.meta['box_size'])
+  if name == 'larger':
+    assert box[0] > window[0]          # several windows were blended
+    assert (seen == 0).any()           # and part of the volume lies outside the box
+  else:
+    assert box == window
+
+
+def test_cli_aliases_probabilities_and_label_conventions(exported, tmp_path):
+  paths = write_patient(str(tmp_path / 'in'), (40, 36, 34), seed=3)
+  out = str(tmp_path / 'seg.nii.gz')
+  rc = predict.main(['--checkpoint', exported, '--flair', paths['flair'], '--t1ce',
+                     paths['t1ce'], '--out', out, '--save-probabilities'])
+  assert rc == 0
+  assert_same_geometry(out, paths['flair'])
+  probs_path = str(tmp_path / 'seg_probs.nii.gz')
+  assert_same_geometry(probs_path, paths['flair'], channels=4)
+  probs = np.asarray(nib.load(probs_path).dataobj)
+  assert probs.dtype == np.float32 and probs.min() >= 0 and probs.max() <= 1 + 1e-6
+  labels = np.asarray(nib.load(out).dataobj)
+  # The written labels are the thresholded probabilities, innermost region first.
+  np.testing.assert_array_equal(labels, predict.probs_to_labels(probs, 'brats2021'))
+  out24 = str(tmp_path / 'seg24.nii.gz')
+  assert predict.main(['--checkpoint', exported, '--flair', paths['flair'], '--t1ce',
+                       paths['t1ce'], '--out', out24, '--labels', 'brats2024']) == 0
+  labels24 = np.asarray(nib.load(out24).dataobj)
+  assert set(np.unique(labels24)) <= {0, 1, 2, 3}
+  np.testing.assert_array_equal(labels24, np.where(labels == 4, 3, labels))
+
+
+def test_label_precedence_preserves_the_regions():
+  rs = np.random.RandomState(0)
+  probs = rs.rand(12, 10, 8, 4).astype(np.float32)
+  channels = metrics_lib.region_masks(probs)
+  for layout, scheme in (('brats2021', 'fets'), ('brats2024', 'brats2024')):
+    labels = predict.probs_to_labels(probs, layout)
+    back = metrics_lib.regions_from_labels(labels, scheme)
+    for region in ('WT', 'TC', 'ET'):
+      np.testing.assert_array_equal(back[region], channels[region])
+
+
+def test_label_convention_from_file_names(model):
+  assert predict.resolve_labels('auto', model.config, ['/x/BraTS-GLI-00001-000-t2f.nii.gz']) \
+      == 'brats2024'
+  assert predict.resolve_labels('auto', model.config, ['/x/Brats18_1_flair.nii.gz']) \
+      == 'brats2021'
+  assert predict.resolve_labels('auto', model.config, ['/x/a.nii.gz'], ['flair']) == 'brats2021'
+  assert predict.resolve_labels('brats2024', model.config, ['/x/Brats18_1_flair.nii.gz']) \
+      == 'brats2024'
+
+
+def test_folder_mode(exported, tmp_path):
+  root = tmp_path / 'cases'
+  write_patient(str(root / 'BraTS-GLI-00001-000'), (36, 36, 30), 'BraTS-GLI-00001-000',
+                layout='brats2024', keys=('t2f', 't1c'))
+  write_patient(str(root / 'Brats18_X_1'), (36, 36, 30), 'Brats18_X_1', seed=1)
+  out = tmp_path / 'segs'
+  assert predict.main(['--checkpoint', exported, '--input-dir', str(root), '--out',
+                       str(out)]) == 0
+  assert sorted(os.listdir(out)) == ['BraTS-GLI-00001-000.nii.gz', 'Brats18_X_1.nii.gz']
+  assert set(np.unique(nib.load(str(out / 'BraTS-GLI-00001-000.nii.gz')).dataobj)) <= \
+      {0, 1, 2, 3}
+  assert set(np.unique(nib.load(str(out / 'Brats18_X_1.nii.gz')).dataobj)) <= {0, 1, 2, 4}
+
+
+def run_cli(capsys, *argv):
+  rc = predict.main(list(argv))
+  return rc, capsys.readouterr().err
+
+
+def test_errors(exported, tmp_path, capsys):
+  base = str(tmp_path / 'in')
+  paths = write_patient(base, (32, 32, 32))
+  out = str(tmp_path / 'seg.nii.gz')
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--out', out)
+  assert rc == 2 and 'no modality given' in err
+
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--t2f', str(tmp_path / 'none.nii.gz'),
+                    '--out', out)
+  assert rc == 2 and 'not found' in err
+
+  odd = write_patient(str(tmp_path / 'shapes'), (32, 32, 32), keys=('flair', 't1'),
+                      shapes={'t1': (32, 30, 32)})
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', odd['flair'], '--t1',
+                    odd['t1'], '--out', out)
+  assert rc == 2 and 'shape (32, 30, 32) differs' in err
+
+  shifted = oblique_affine()
+  shifted[:3, 3] += 5.0
+  moved = write_patient(str(tmp_path / 'affines'), (32, 32, 32), keys=('flair', 't2'),
+                        affine={'flair': oblique_affine(), 't2': shifted})
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', moved['flair'], '--t2',
+                    moved['t2'], '--out', out)
+  assert rc == 2 and 'affine differs' in err
+
+  # --config names a config the checkpoint was not trained with.
+  demo = os.path.join(helpers_eval.ROOT, 'configs', 'demo.py')
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', paths['flair'], '--out', out,
+                    '--config', demo)
+  assert rc == 2 and 'trained with another config' in err and 'model.init_channels' in err
+
+  # A checkpoint whose weights do not fit its own config.json.
+  broken = str(tmp_path / 'broken')
+  shutil.copytree(exported, broken)
+  with open(os.path.join(broken, 'config.json')) as f:
+    config = json.load(f)
+  config['model']['init_channels'] = 8
+  with open(os.path.join(broken, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  rc, err = run_cli(capsys, '--checkpoint', broken, '--flair', paths['flair'], '--out', out)
+  assert rc == 2 and 'another config' in err
+
+  rc, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'nowhere'), '--flair',
+                    paths['flair'], '--out', out)
+  assert rc == 2 and 'is not a folder' in err
+  assert not os.path.exists(out)
+
+
+def test_figure(tmp_path_factory, exported, tmp_path):
+  run = helpers_eval.trained_run(tmp_path_factory)
+  case = sorted(d for d in os.listdir(os.path.join(run.workdir, 'synthetic'))
+                if os.path.isdir(os.path.join(run.workdir, 'synthetic', d)))[0]
+  out = str(tmp_path / 'fig.png')
+  assert visualize.main(['--checkpoint', exported, '--case',
+                         os.path.join(run.workdir, 'synthetic', case), '--out', out]) == 0
+  assert os.path.getsize(out) > 10_000
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
