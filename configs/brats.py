@@ -114,7 +114,14 @@ def base_config():
   # ---- evaluation ----
   e = c.eval = config_dict.ConfigDict()
   e.hd95_convention = 'brats'   # 'brats' (373.13 when one mask is empty) | 'authors' (0)
-  e.batch_size = 1
+  e.batch_size = 1              # inputs per compiled forward pass (last batch zero-padded)
+  # False: the centre window of input_shape of each case's brain box (SPEC section 5);
+  # True: overlapping windows over the whole box, blended (what prediction does).
+  e.sliding_window = False
+  e.overlap = 0.5               # sliding windows: fraction of a window shared with the next
+  e.blend = 'gaussian'          # 'gaussian' (centre-weighted) | 'uniform'
+  e.val_subsets = 'all'         # validation during training: 'all' 15 subsets | 'full' only
+  e.figure = False              # after training, draw the Figure-2 picture of a test case
   return c
 
 

@@ -444,4 +444,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=Non
       close()
   if split['test']:
     evaluate.evaluate_state(config, workdir, state, split='test')
+  if config.eval.get('figure', False) and jax.process_index() == 0:
+    from mstkd_jax import visualize
+    visualize.figure_after_training(config, workdir, state)
   return state
