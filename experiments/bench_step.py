@@ -1,13 +1,18 @@
 """Benchmark of the full training step (teacher, student, every loss, discriminator).
 
   python experiments/bench_step.py --config=configs/brats.py:tiny --steps 5
-  python experiments/bench_step.py --config=configs/brats.py --params-only
+  python experiments/bench_step.py --config=configs/brats.py --params_only
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \
       python experiments/bench_step.py --config=configs/brats.py:tiny
+  python experiments/bench_step.py --config=configs/brats.py --config.dtype=bfloat16 \
+      --config.remat=True --compile_only
 
-Compiles the real step ahead of time for a global batch of batch_size_per_device x devices,
-times --steps steps after --warmup on random data, and prints one JSON object as its last line.
-The same script runs unchanged on GPUs.
+Compiles the real step ahead of time for a global batch of batch_size_per_device x devices
+(every local device, or --devices of them), times --steps steps after --warmup on random data,
+and prints one JSON object as its last line. ``--compile_only`` stops after compiling and
+reports the compiled program's memory (``compiled.memory_analysis()``: arguments, outputs,
+temporaries; per device), which is how full-size memory is measured on a machine without the
+accelerator. The same script runs unchanged on GPUs.
 """
 
 import functools
@@ -31,6 +36,8 @@ config_flags.DEFINE_config_file('config', None, 'config file[:variant]', lock_co
 flags.DEFINE_integer('steps', 5, 'timed steps')
 flags.DEFINE_integer('warmup', 1, 'untimed steps after compilation')
 flags.DEFINE_bool('params_only', False, 'only count parameters (jax.eval_shape, no compute)')
+flags.DEFINE_bool('compile_only', False, 'stop after compiling; report compiled memory')
+flags.DEFINE_integer('devices', None, 'use the first N devices (default: all)')
 flags.mark_flag_as_required('config')
 
 
@@ -54,17 +61,32 @@ def main(argv):
   if FLAGS.params_only:
     print(json.dumps(result))
     return
-  mesh = parallel.make_mesh()
-  global_bs = config.train.batch_size_per_device * jax.device_count()
-  result['global_batch'] = global_bs
+  devices = jax.devices()[:FLAGS.devices] if FLAGS.devices else jax.devices()
+  mesh = parallel.make_mesh(devices)
+  global_bs = config.train.batch_size_per_device * mesh.size
+  result.update(devices=mesh.size, global_batch=global_bs,
+                shard_state=bool(config.train.get('shard_state', False)))
   t0 = time.time()
   compiled = train.compile_train_step(config, mesh, spe, abstract, global_bs)
   result['compile_s'] = round(time.time() - t0, 2)
   result['memory'] = memory_dict(compiled)
+  if result['memory']:
+    m = result['memory']
+    result['memory_gib'] = {
+        'arguments': round(m['argument_bytes'] / 2**30, 3),
+        'outputs': round(m['output_bytes'] / 2**30, 3),
+        'temporaries': round(m['temp_bytes'] / 2**30, 3),
+        # Donated state: outputs reuse the argument buffers (alias).
+        'total_estimate': round((m['argument_bytes'] + m['output_bytes'] - m['alias_bytes']
+                                 + m['temp_bytes']) / 2**30, 3)}
+  if FLAGS.compile_only:
+    _add_host_rss(result)
+    print(json.dumps(result))
+    return
   state = train.create_state(config, mesh, spe)
   batches = train.random_batches(config, global_bs)
   batch = parallel.global_batch(next(batches), mesh)
-  rng = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+  rng = parallel.replicated_key(0, mesh)
   for _ in range(FLAGS.warmup):
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
@@ -84,12 +106,16 @@ def main(argv):
       result['peak_device_bytes'] = int(stats['peak_bytes_in_use'])
   except Exception:
     pass
+  _add_host_rss(result)
+  print(json.dumps(result))
+
+
+def _add_host_rss(result):
   try:
     import resource
     result['peak_host_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  except Exception:
+  except Exception:  # pylint: disable=broad-except
     pass
-  print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -19,8 +19,13 @@ class _LibraryInfoFilter(py_logging.Filter):
     self._parts = tuple(f'{os.sep}{p}{os.sep}' for p in packages)
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in (record.pathname or '') for part in self._parts)
+    path = record.pathname or ''
+    if not any(part in path for part in self._parts):
+      return True
+    if record.levelno >= py_logging.WARNING:
+      # Orbax warns on every save without a validation score; that is the normal case here.
+      return 'tracked_metric' not in str(record.msg)
+    return False
 
 
 def quiet_libraries(packages=('orbax', 'grain')):

@@ -34,11 +34,13 @@ _CACHE = {}
 
 
 def xla_cache_dir():
-  """One persistent-compilation-cache folder for every scenario of this test session
-  (``MSTKD_TEST_XLA_CACHE`` to keep one between sessions)."""
+  """The persistent XLA compilation cache of the scenarios: ``MSTKD_TEST_XLA_CACHE``, else
+  ``~/.cache/mstkd_jax/xla_test_cache`` (kept between sessions: a program compiles once per
+  machine); ``MSTKD_TEST_XLA_CACHE=session`` for a fresh one that is deleted at the end."""
   if 'dir' not in _CACHE:
-    path = os.environ.get('MSTKD_TEST_XLA_CACHE')
-    if not path:
+    path = os.environ.get('MSTKD_TEST_XLA_CACHE') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'mstkd_jax', 'xla_test_cache')
+    if path == 'session':
       path = tempfile.mkdtemp(prefix='mstkd_xla_cache_')
       atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
@@ -152,14 +154,83 @@ def state_arrays(state):
 
 
 def max_rel_diff(a, b):
-  """max over arrays of |a - b|_2 / max(|b|_2, 1e-12), and the worst element-wise error."""
+  """(max over arrays of |a - b|_2 / |b|_2, worst element-wise |a - b|)."""
   import numpy as np
   worst, worst_elem = 0.0, 0.0
   for k in b:
-    d = np.linalg.norm((a[k] - b[k]).ravel())
-    worst = max(worst, float(d / max(np.linalg.norm(b[k].ravel()), 1e-12)))
+    d = np.linalg.norm((a[k] - b[k]).ravel().astype(np.float64))
+    worst = max(worst, float(d / max(np.linalg.norm(b[k].ravel().astype(np.float64)), 1e-12)))
     worst_elem = max(worst_elem, float(np.max(np.abs(a[k] - b[k]))) if b[k].size else 0.0)
   return worst, worst_elem
+
+
+def group_rel_diff(a, b):
+  """{part of the state: |a - b|_2 / |b|_2 over all its arrays} (params, opt_state, ...)."""
+  import numpy as np
+  num, den = {}, {}
+  for k in b:
+    group = k.split('[')[0].lstrip('.')
+    diff = (a[k] - b[k]).ravel().astype(np.float64)
+    num[group] = num.get(group, 0.0) + float(diff @ diff)
+    ref = b[k].ravel().astype(np.float64)
+    den[group] = den.get(group, 0.0) + float(ref @ ref)
+  return {g: (num[g] ** 0.5) / max(den[g] ** 0.5, 1e-12) for g in num}
+
+
+def _rms(x):
+  import numpy as np
+  return float(np.sqrt(np.mean(np.square(x.astype(np.float64))))) if x.size else 0.0
+
+
+def gradient_free_leaves(arrays, ratio=1e-4):
+  """Parameters whose gradient is zero in exact arithmetic (a bias followed by a
+  normalisation, the key bias of softmax attention): after one step, the RMS of their Adam
+  first moment (0.1 x gradient) is below ``ratio`` x the median over parameters. Their
+  computed gradient is rounding noise, which Adam's first step scales to +-lr whatever its
+  size, so its sign, and their update, depend on the order of the sums (the device count)."""
+  import numpy as np
+  prefix = '.opt_state[1].mu'
+  rms = {k[len(prefix):]: _rms(v) for k, v in arrays.items() if k.startswith(prefix)}
+  median = float(np.median([v for v in rms.values() if v > 0]))
+  free = sorted(k for k, v in rms.items() if v < ratio * median)
+  kept = [v / median for k, v in rms.items() if k not in free]
+  return {'leaves': free, 'median_rms': median,
+          'largest_free_ratio': max([rms[k] / median for k in free], default=0.0),
+          'smallest_kept_ratio': min(kept)}
+
+
+def compare_after_adam_step(a, b, free):
+  """Compares two states after Adam steps from the same start: the relative difference
+  |a - b|_2 / |b|_2 over each part of the state (parameters, Adam moments, BatchNorm
+  statistics, discriminator, ...) without the gradient-free parameters, and the largest change
+  of a gradient-free parameter (Adam moves each by at most about lr per step)."""
+  import numpy as np
+  free = set(free)
+  num, den, free_abs = {}, {}, 0.0
+  for k in b:
+    group, name = k.split('[')[0].lstrip('.'), None
+    for prefix, label in (('.params', 'params'), ('.opt_state[1].mu', 'adam_mu'),
+                          ('.opt_state[1].nu', 'adam_nu')):
+      if k.startswith(prefix):
+        group, name = label, k[len(prefix):]
+    if name in free:
+      if group == 'params':
+        free_abs = max(free_abs, float(np.max(np.abs(a[k] - b[k]))))
+      continue
+    d = (a[k] - b[k]).ravel().astype(np.float64)
+    r = b[k].ravel().astype(np.float64)
+    num[group] = num.get(group, 0.0) + float(d @ d)
+    den[group] = den.get(group, 0.0) + float(r @ r)
+  rel = {g: (num[g] ** 0.5) / max(den[g] ** 0.5, 1e-30) for g in num}
+  return {'rel': rel, 'max_rel': max(rel.values()),
+          'max_abs_gradient_free_params': free_abs}
+
+
+def worst_leaves(a, b, count=3):
+  import numpy as np
+  rel = {k: float(np.linalg.norm((a[k] - b[k]).ravel()) /
+                  max(np.linalg.norm(b[k].ravel()), 1e-12)) for k in b}
+  return sorted(rel.items(), key=lambda kv: -kv[1])[:count]
 
 
 def scenario_devices(args):
@@ -192,10 +263,16 @@ def scenario_devices(args):
            'largest_param_sharding': str(max(jax.tree.leaves(state.params),
                                              key=lambda x: x.size).sharding.spec),
            'seconds': round(time.time() - t0, 1)}
+    np.savez(os.path.join(args.out, f'step_{name}.npz'), **arrays)
     if reference is None:
       reference = arrays
+      report['gradient_free'] = gradient_free_leaves(arrays)
     else:
-      run['max_rel_diff_vs_1'], run['max_abs_diff_vs_1'] = max_rel_diff(arrays, reference)
+      run['rel_diff_vs_1'] = group_rel_diff(arrays, reference)
+      run['max_abs_diff_vs_1'] = max_rel_diff(arrays, reference)[1]
+      run['worst_leaves_vs_1'] = worst_leaves(arrays, reference)
+      run['compare_vs_1'] = compare_after_adam_step(arrays, reference,
+                                                    report['gradient_free']['leaves'])
     report['runs'][name] = run
     print(json.dumps({name: run}), flush=True)
 
@@ -331,8 +408,10 @@ def scenario_precision(args):
                                          or v.dtype == jax.numpy.bfloat16})}
     if reference is None:
       reference = arrays
+      free = gradient_free_leaves(arrays)['leaves']
     else:
-      run['max_rel_diff_vs_f32'], run['max_abs_diff_vs_f32'] = max_rel_diff(arrays, reference)
+      run['rel_diff_vs_f32'] = group_rel_diff(arrays, reference)
+      run['compare_vs_f32'] = compare_after_adam_step(arrays, reference, free)
     out[name] = run
     print(json.dumps({name: run}), flush=True)
   with open(os.path.join(args.out, 'precision.json'), 'w') as f:

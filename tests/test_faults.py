@@ -1,0 +1,96 @@
+"""Preemption and crashes of a real training process (:tiny, one CPU device).
+
+One run is stopped by SIGTERM (it finishes the step, saves, exits 143), resumed and killed
+with SIGKILL while Orbax is committing a checkpoint, and resumed again from the last complete
+checkpoint to the end: the final state equals 6 uninterrupted steps bit for bit.
+"""
+
+import json
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests import helpers_scale
+
+TRAIN = ['train', '--steps', '6', '--checkpoint-every', '2', '--epochs', '10']
+
+
+def complete_steps(workdir):
+  folder = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill9_mid_save_then_exact_resume(tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = TRAIN + ['--workdir', workdir]
+
+  # 1. SIGTERM once step 3 is logged: the step in flight finishes, a checkpoint is saved.
+  log1 = str(tmp_path / 'run1.log')
+  proc = helpers_scale.start_helper(args, log_path=log1)
+  try:
+    helpers_scale.wait_for(lambda: max(helpers_scale.metrics_steps(workdir), default=0) >= 3,
+                           proc, 300, 'step 3')
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  text = open(log1).read()
+  assert code == 128 + signal.SIGTERM, text[-3000:]
+  stopped = max(helpers_scale.metrics_steps(workdir))
+  assert f'stopped by signal 15 (SIGTERM) after step {stopped}' in text
+  assert 'Re-run the same command to resume' in text
+  assert complete_steps(workdir)[-1] == stopped
+
+  # 2. Resume; hang Orbax just before it commits step 6; kill -9 there.
+  log2 = str(tmp_path / 'run2.log')
+  proc = helpers_scale.start_helper(args + ['--hang-save-at', '6'], log_path=log2)
+  marker = os.path.join(workdir, 'HANGING_6')
+  try:
+    helpers_scale.wait_for(lambda: os.path.exists(marker), proc, 300, 'the save of step 6')
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  assert f'resumed from {os.path.join(workdir, "checkpoints")} at step {stopped}' in \
+      open(log2).read()
+  leftovers = [n for n in os.listdir(os.path.join(workdir, 'checkpoints'))
+               if n.startswith('6.')]
+  assert leftovers, 'the interrupted save should have left its temporary folder'
+  assert complete_steps(workdir)[-1] == 4
+
+  # 3. The same command again: resumes from step 4 and ends where 6 straight steps end.
+  dump = str(tmp_path / 'final.npz')
+  code, text = helpers_scale.run_helper(args + ['--dump', dump], timeout=300,
+                                        log_path=str(tmp_path / 'run3.log'))
+  assert code == 0, text[-3000:]
+  assert 'at step 4' in text
+  with open(dump + '.json') as f:
+    assert json.load(f)['served'] == [4, 5]
+  assert complete_steps(workdir)[-1] == 6
+  assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in n]
+
+  _, out, _ = helpers_scale.scenario_once('resume')
+  straight = np.load(os.path.join(out, 'straight.npz'))
+  final = np.load(dump)
+  assert sorted(final.files) == sorted(straight.files)
+  unequal = [k for k in straight.files if not np.array_equal(final[k], straight[k])]
+  assert not unequal, unequal[:10]
+
+
+def test_main_refuses_a_workdir_of_another_config(tmp_path):
+  """The command line refuses to resume with another config, and says how to proceed."""
+  workdir = tmp_path / 'work'
+  (workdir / 'checkpoints' / '2').mkdir(parents=True)   # something to resume
+  (workdir / 'config.json').write_text(json.dumps({'train': {'learning_rate': 1.0}}))
+  env = helpers_scale.helper_env(1)
+  proc = subprocess.run(
+      [os.sys.executable, '-m', 'mstkd_jax.main', '--config=configs/brats.py:tiny',
+       f'--workdir={workdir}'],
+      cwd=helpers_scale.ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'holds a different config' in proc.stderr
+  assert '--allow_config_change' in proc.stderr

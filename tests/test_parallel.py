@@ -1,0 +1,136 @@
+"""Data parallelism: results do not depend on the device count or the number of processes.
+
+The multi-device runs happen in subprocesses with forced CPU devices
+(``--xla_force_host_platform_device_count``), so this process keeps its single device.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import helpers_scale
+
+LOSS_TERMS = ('total', 'dice', 'dice_teacher', 'dice_student', 'mstkd', 'logit', 'gsme', 'disc')
+
+
+def devices_report():
+  return helpers_scale.scenario_once('devices', ['--shard'], devices=8, timeout=900)
+
+
+LR = 1e-4   # :tiny's learning rate: Adam moves each parameter by at most about lr per step
+
+
+@pytest.mark.slow
+def test_one_step_does_not_depend_on_the_device_count():
+  """One step on the same global batch of 8 with 1, 2, 4, 8 devices (and 8 with the state
+  sharded over them): same losses, same parameters, Adam moments, BatchNorm statistics and
+  discriminator to 1e-5 relative.
+
+  Exception, by construction of Adam: parameters whose gradient is zero in exact arithmetic
+  (biases right before a BatchNorm, attention key biases) get rounding noise as gradient,
+  and Adam's first step moves them by +-lr whatever the noise's size, so their update depends
+  on the order of the sums. They are identified from the 1-device run (gradient RMS 1e-4 of
+  the median or less, a clean gap from the rest) and only checked to move by at most 2 lr.
+  """
+  report, _, _ = devices_report()
+  assert report['device_count'] == 8
+  free = report['gradient_free']
+  assert all(name.endswith("['bias']") for name in free['leaves']), free['leaves']
+  assert free['largest_free_ratio'] < 0.05 * free['smallest_kept_ratio']   # a clean gap
+  runs = report['runs']
+  base = runs['1']['metrics']
+  for name in ('2', '4', '8', '8_sharded'):
+    run = runs[name]
+    for term in LOSS_TERMS:
+      assert run['metrics'][term] == pytest.approx(base[term], rel=1e-5, abs=1e-6), (name, term)
+    cmp = run['compare_vs_1']
+    assert cmp['max_rel'] < 1e-5, (name, cmp)
+    assert cmp['max_abs_gradient_free_params'] <= 2 * LR * 1.01, (name, cmp)
+  # The sharded variant really splits large arrays over the 8 devices.
+  assert 'data' in runs['8_sharded']['largest_param_sharding']
+  assert 'data' not in runs['8']['largest_param_sharding']
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_each_other_and_one_process(tmp_path):
+  """jax.distributed on 127.0.0.1 (gloo): 2 processes x 1 CPU device, 4 volumes each."""
+  workdir = str(tmp_path / 'work')
+  port = _free_port()
+  procs, logs = [], []
+  for pid in range(2):
+    logs.append(str(tmp_path / f'p{pid}.log'))
+    procs.append(helpers_scale.start_helper(
+        ['train', '--workdir', workdir, '--steps', '3', '--checkpoint-every', '100',
+         '--batch-per-device', '4', '--dump', str(tmp_path / f'p{pid}.npz')],
+        devices=1, log_path=logs[-1], MSTKD_COORDINATOR=f'127.0.0.1:{port}',
+        MSTKD_NUM_PROCESSES=2, MSTKD_PROCESS_ID=pid))
+  try:
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  texts = [open(log).read() for log in logs]
+  assert codes == [0, 0], '\n\n'.join(t[-3000:] for t in texts)
+  assert 'process 1 of 2' not in texts[1]    # the others log warnings only
+
+  a, b = np.load(tmp_path / 'p0.npz'), np.load(tmp_path / 'p1.npz')
+  assert sorted(a.files) == sorted(b.files)
+  assert all(np.array_equal(a[k], b[k]) for k in a.files)
+  with open(tmp_path / 'p0.npz.json') as f:
+    assert json.load(f)['served'] == [0, 1, 2]
+
+  # One process (2 devices, same global batch, same 3 steps): the losses of each step agree
+  # to 1e-5 at step 1 and 1e-3 after. The states agree to 1e-3 relative only: both processes
+  # reduce gradients as well as one process does (rounding ~1e-5, devices test), but Adam's
+  # first steps move every parameter by about +-lr whatever its gradient's size, so elements
+  # whose gradient is within rounding of zero move differently and the next steps' gradients
+  # follow (a property of Adam, seen as well between two single-process device counts).
+  report, out, _ = devices_report()
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    two = [json.loads(line) for line in f]
+  with open(os.path.join(out, 'reference', 'metrics.jsonl')) as f:
+    one = [json.loads(line) for line in f]
+  assert [m['step'] for m in two] == [m['step'] for m in one] == [1, 2, 3]
+  for m2, m1 in zip(two, one):
+    for term in LOSS_TERMS:
+      tol = 1e-5 if m1['step'] == 1 else 1e-3
+      assert m2[term] == pytest.approx(m1[term], rel=tol, abs=1e-6), (m1['step'], term)
+  ref = np.load(os.path.join(out, 'reference.npz'))
+  cmp = helpers_scale.compare_after_adam_step({k: a[k] for k in a.files},
+                                              {k: ref[k] for k in ref.files},
+                                              report['gradient_free']['leaves'])
+  for part in ('params', 'batch_stats', 'disc_params'):
+    assert cmp['rel'][part] < 1e-3, cmp
+  assert cmp['max_abs_gradient_free_params'] <= 3 * 2 * LR * 1.01, cmp
+
+  # Only process 0 writes logs and config; the checkpoint holds both data states.
+  assert os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert len(f.readlines()) == 3
+  data = os.listdir(os.path.join(workdir, 'checkpoints', '3', 'data'))
+  assert sorted(data) == ['process_0-of-2.json', 'process_1-of-2.json']
+
+
+@pytest.mark.slow
+def test_remat_and_bfloat16():
+  """Remat gives the same step; bf16 compiles and keeps float32 state, losses and metrics."""
+  report, _, _ = helpers_scale.scenario_once('precision')
+  f32, remat, bf16 = report['f32'], report['f32_remat'], report['bf16_remat']
+  for term in LOSS_TERMS:
+    assert remat['metrics'][term] == pytest.approx(f32['metrics'][term], rel=1e-5, abs=1e-6)
+  cmp = remat['compare_vs_f32']
+  assert cmp['max_rel'] < 1e-5, cmp
+  assert cmp['max_abs_gradient_free_params'] <= 2 * LR * 1.01, cmp
+  assert all(bf16['metric_dtypes'][t] == 'float32' for t in LOSS_TERMS)
+  assert bf16['state_float_dtypes'] == ['float32']
+  assert np.isfinite(bf16['metrics']['total'])
+  assert bf16['metrics']['dice'] == pytest.approx(f32['metrics']['dice'], rel=5e-2)
