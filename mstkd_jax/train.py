@@ -338,12 +338,14 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
           if last_saved != step:
             save(data_state, force=True)
           manager.wait_until_finished()
+          manager.close()
           stopped = Preempted(stop.signal or signal.SIGTERM, step, manager.directory)
           logging.warning('%s', stopped.message)
           raise stopped
       if last_saved != step:
         save(data_state, force=True)
       manager.wait_until_finished()
+      manager.close()
   finally:
     progress.close()
     writer.close()
