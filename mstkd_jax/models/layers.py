@@ -13,11 +13,19 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+# PyTorch's default initialisation of Conv3d weights (kaiming_uniform with a = sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), a third of the variance of Flax's lecun_normal. With
+# Flax's default the residual sums grow so much that the initial logits reach |5| and the
+# sigmoid outputs start saturated (a student then barely learns in short runs).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
 def conv(features, kernel=3, stride=1, padding=None, dtype=jnp.float32, name=None):
-  """3D convolution with bias and PyTorch-style symmetric padding ((k - 1) // 2 per side)."""
+  """3D convolution with bias and PyTorch-style symmetric padding ((k - 1) // 2 per side)
+  and PyTorch's default weight initialisation."""
   pad = (kernel - 1) // 2 if padding is None else padding
   return nn.Conv(features, (kernel,) * 3, strides=(stride,) * 3, padding=((pad, pad),) * 3,
-                 dtype=dtype, name=name)
+                 dtype=dtype, name=name, kernel_init=torch_conv_init)
 
 
 def deconv(features, dtype=jnp.float32, name=None):
