@@ -23,7 +23,7 @@ from configs import brats
 
 def get_config(arg=None):
   c = brats.base_config()
-  # A small network (1.9 M parameters per network against 32 M) with every part of MST-KDNet.
+  # A small network (1.9 M parameters per network against 154 M) with every part of MST-KDNet.
   c.model.update(init_channels=8, groups=4, embed_dim=64, num_heads=4, num_layers=4,
                  mlp_dim=128, patch_size=2, kept_blocks=(1, 2, 3, 4),
                  decoder_channels=(32, 32, 16, 16, 8))
