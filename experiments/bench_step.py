@@ -35,9 +35,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'config file[:variant]', lock_config=True)
 flags.DEFINE_integer('steps', 5, 'timed steps')
 flags.DEFINE_integer('warmup', 1, 'untimed steps after compilation')
-flags.DEFINE_bool('params_only', False, 'only count parameters (jax.eval_shape, no compute)')
+flags.DEFINE_bool('params_only', False, 'only count parameters (jax.eval_shape, no compute; '
+                  'with --residuals, also the saved activations)')
 flags.DEFINE_bool('compile_only', False, 'stop after compiling; report compiled memory')
 flags.DEFINE_integer('devices', None, 'use the first N devices (default: all)')
+flags.DEFINE_bool('residuals', False, 'also report the activations saved for the backward pass '
+                  '(compiler-independent: what remat and bf16 act on)')
 flags.mark_flag_as_required('config')
 
 
@@ -58,6 +61,8 @@ def main(argv):
                  'student': step_lib.count_params(abstract.params['student']),
                  'discriminator': step_lib.count_params(abstract.disc_params)},
   }
+  if FLAGS.residuals:
+    result['residuals'] = saved_residuals(config, abstract)
   if FLAGS.params_only:
     print(json.dumps(result))
     return
@@ -108,6 +113,42 @@ def main(argv):
     pass
   _add_host_rss(result)
   print(json.dumps(result))
+
+
+def saved_residuals(config, abstract):
+  """Bytes the teacher + student forward keeps for the backward pass, per device (batch
+  batch_size_per_device), from the shapes of jax.vjp's residuals (no compilation): what
+  ``config.remat`` and ``config.dtype`` change, whatever a compiler then does with it.
+  The parameters, which the residuals also reference, are counted apart."""
+  import jax.numpy as jnp
+  n = config.train.batch_size_per_device
+  image = jax.ShapeDtypeStruct(step_lib.input_shape(config, n), jnp.float32)
+  label = jax.ShapeDtypeStruct(step_lib.input_shape(config, n)[:-1] +
+                               (config.model.num_classes,), jnp.float32)
+  keys = (jax.random.key(1), jax.random.key(2))
+
+  def residuals(params, batch_stats, disc_params, image, label):
+    objective = functools.partial(step_lib.network_objective, batch_stats=batch_stats,
+                                  disc_params=disc_params, image=image, image_m=image,
+                                  label=label, keys=keys, epoch=0, config=config)
+    return jax.vjp(lambda p: objective(p)[0], params)[1]
+
+  res = jax.eval_shape(residuals, abstract.params, abstract.batch_stats, abstract.disc_params,
+                       image, label)
+  param_shapes = {(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract.params)}
+  total, activations, by_dtype = 0, 0, {}
+  for x in jax.tree.leaves(res):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      continue   # dropout keys saved by remat: a few bytes
+    size = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    total += size
+    if (tuple(x.shape), str(x.dtype)) not in param_shapes:
+      activations += size
+      by_dtype[str(x.dtype)] = by_dtype.get(str(x.dtype), 0) + size
+  gib = lambda b: round(b / 2**30, 3)
+  return {'total_gib': gib(total), 'activations_gib': gib(activations),
+          'activations_by_dtype_gib': {k: gib(v) for k, v in sorted(by_dtype.items())},
+          'count': len(jax.tree.leaves(res))}
 
 
 def _add_host_rss(result):
