@@ -170,15 +170,19 @@ def abstract_like(tree, sharding=None) -> Any:
 EXPORT_MANIFEST = 'manifest.json'
 
 
-def save_network(directory, variables, config, network='student', source=''):
+def save_network(directory, variables, config, network='student', source='', overwrite=True):
   """Writes one network's {'params', 'batch_stats'} as an Orbax checkpoint in
   ``directory/variables`` with ``config.json`` and ``manifest.json`` beside it."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
+  directory = os.path.abspath(os.fspath(directory))
   target = os.path.join(directory, 'variables')
-  ckptr.save(target, variables, force=True)
+  if os.path.exists(target) and not overwrite:
+    raise FileExistsError(f'{target} exists; pass --overwrite (overwrite=True) to replace it')
+  os.makedirs(directory, exist_ok=True)
+  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, tree, force=True)
   ckptr.wait_until_finished()
+  ckptr.close()
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(directory, EXPORT_MANIFEST), 'w') as f:
@@ -229,6 +233,7 @@ def load_network(config, location, which=None, network='student'):
   """
   target = network_variables_struct(config)
   if is_network_export(location):
+    target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     try:
       return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(location),
                                                              'variables'), target)

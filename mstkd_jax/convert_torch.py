@@ -53,6 +53,8 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from mstkd_jax import checkpoint as ckpt
+
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
 MANIFEST_FILE = 'manifest.json'
@@ -339,61 +341,26 @@ def load_state_dict_file(path, which: str = 'student',
 
 def abstract_network_variables(config):
   """ShapeDtypeStructs of one network's ``{'params', 'batch_stats'}`` (no computation)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.models.mstkdnet import network_from_config  # pylint: disable=g-import-not-at-top
-  net = network_from_config(config)
-  shape = (1,) + tuple(config.data.input_shape) + (config.model.in_channels,)
-  variables = jax.eval_shape(
-      lambda: net.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), train=False))
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-
-
-def _config_json(config) -> str:
-  return config.to_json_best_effort(indent=2) if hasattr(config, 'to_json_best_effort') else (
-      json.dumps(config, indent=2))
+  return dict(ckpt.network_variables_struct(config))
 
 
 def save_network_variables(directory, variables, config, network: str = 'student',
                            source: str = '', overwrite: bool = False) -> str:
   """Writes one network's variables in the single-network export format (module docstring)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.fspath(directory))
-  target = os.path.join(directory, VARIABLES_DIR)
-  if os.path.exists(target) and not overwrite:
-    raise FileExistsError(f'{target} exists; pass --overwrite (overwrite=True) to replace it')
-  os.makedirs(directory, exist_ok=True)
-  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(target, tree, force=overwrite)
-  ckptr.wait_until_finished()
-  ckptr.close()
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    f.write(_config_json(config))
-  with open(os.path.join(directory, MANIFEST_FILE), 'w') as f:
-    json.dump({'kind': 'network', 'network': network, 'source': str(source)}, f, indent=2)
-  return directory
+  return ckpt.save_network(directory, variables, config, network=network, source=source,
+                           overwrite=overwrite)
 
 
-def read_export_config(directory):
-  """The ConfigDict stored in an export's config.json."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  def tuples(x):  # JSON turned the config's tuples into lists
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-  with open(os.path.join(os.fspath(directory), CONFIG_FILE)) as f:
-    return config_dict.ConfigDict(tuples(json.load(f)))
+read_export_config = ckpt.load_config
 
 
 def load_network_variables(directory, config=None) -> Dict[str, Any]:
   """Restores ``{'params', 'batch_stats'}`` of a single-network export as jax Arrays.
 
-  The restore target is :func:`abstract_network_variables` of ``config`` (default: the
-  export's own config.json), so a tree, shape or dtype that does not fit the network is an
-  error rather than a silent mismatch.
+  The stored tree is first compared with :func:`abstract_network_variables` of ``config``
+  (default: the export's own config.json), so a tree or shape that does not fit the network is
+  a :class:`StateDictMismatchError` listing every difference rather than a silent mismatch.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
   manifest_path = os.path.join(directory, MANIFEST_FILE)
@@ -405,18 +372,13 @@ def load_network_variables(directory, config=None) -> Dict[str, Any]:
     raise ValueError(f'{manifest_path}: kind {manifest.get("kind")!r}, expected "network"')
   if config is None:
     config = read_export_config(directory)
-  abstract = abstract_network_variables(config)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        abstract)
   ckptr = ocp.StandardCheckpointer()
-  path = os.path.join(directory, VARIABLES_DIR)
-  stored = ckptr.metadata(path)
+  stored = ckptr.metadata(os.path.join(directory, VARIABLES_DIR))
+  ckptr.close()
   stored = getattr(stored, 'item_metadata', stored)
   stored = getattr(stored, 'tree', stored)
-  _check_stored(stored, abstract)
-  restored = ckptr.restore(path, target)
-  ckptr.close()
+  _check_stored(stored, abstract_network_variables(config))
+  restored = ckpt.load_network(config, directory)
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
 
