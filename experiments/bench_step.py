@@ -160,4 +160,5 @@ def _add_host_rss(result):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from mstkd_jax.cli import underscore_flags
+  app.run(main, argv=underscore_flags(sys.argv))

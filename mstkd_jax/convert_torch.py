@@ -436,18 +436,8 @@ def _define_flags():
   flags.DEFINE_bool('overwrite', False, 'Replace an existing export in --out.')
 
 
-def _normalise_argv(argv):
-  """Accepts --state-dict / --allow-pickle spellings for the underscore flags."""
-  out = []
-  for a in argv:
-    for dashed in ('--state-dict', '--allow-pickle', '--noallow-pickle'):
-      if a == dashed or a.startswith(dashed + '='):
-        a = a.replace(dashed, dashed.replace('-', '_').replace('__', '--', 1), 1)
-    out.append(a)
-  return out
-
-
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main, argv=_normalise_argv(sys.argv))
+  from mstkd_jax.cli import underscore_flags  # pylint: disable=g-import-not-at-top
+  app.run(main, argv=underscore_flags(sys.argv))

@@ -59,4 +59,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  import sys
+  from mstkd_jax.cli import underscore_flags
+  app.run(main, argv=underscore_flags(sys.argv))
