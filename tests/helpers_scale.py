@@ -207,6 +207,7 @@ def compare_after_adam_step(a, b, free):
   import numpy as np
   free = set(free)
   num, den, free_abs = {}, {}, 0.0
+  changed, counted, params_abs = 0, 0, 0.0
   for k in b:
     group, name = k.split('[')[0].lstrip('.'), None
     for prefix, label in (('.params', 'params'), ('.opt_state[1].mu', 'adam_mu'),
@@ -221,8 +222,14 @@ def compare_after_adam_step(a, b, free):
     r = b[k].ravel().astype(np.float64)
     num[group] = num.get(group, 0.0) + float(d @ d)
     den[group] = den.get(group, 0.0) + float(r @ r)
+    if group == 'params' and d.size:
+      changed += int(np.sum(np.abs(d) > 1e-6 + 1e-5 * np.abs(r)))
+      counted += d.size
+      params_abs = max(params_abs, float(np.max(np.abs(d))))
   rel = {g: (num[g] ** 0.5) / max(den[g] ** 0.5, 1e-30) for g in num}
   return {'rel': rel, 'max_rel': max(rel.values()),
+          'params_changed_fraction': changed / max(counted, 1),
+          'max_abs_params': params_abs,
           'max_abs_gradient_free_params': free_abs}
 
 

@@ -73,6 +73,18 @@ def test_sigterm_then_kill9_mid_save_then_exact_resume(tmp_path):
   assert complete_steps(workdir)[-1] == 6
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in n]
 
+  # Logs: one JSON line per step with every loss term and the rates; TensorBoard events.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records][-2:] == [5, 6]
+  for key in ('total', 'dice', 'mstkd', 'logit', 'gsme', 'disc', 'learning_rate',
+              'steps_per_s', 'volumes_per_s', 'eta_s'):
+    assert key in records[-1], key
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events), events
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['embed_dim'] == 32
+
   _, out, _ = helpers_scale.scenario_once('resume')
   straight = np.load(os.path.join(out, 'straight.npz'))
   final = np.load(dump)
