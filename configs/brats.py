@@ -66,6 +66,7 @@ def base_config():
   # Synthetic cases, used when root is None (demo, tests).
   dt.synthetic_cases = 8
   dt.synthetic_shape = (96, 96, 64)
+  dt.synthetic_spacing = 1.0     # mm per voxel of the generated cases
   dt.synthetic_layout = 'brats2021'
 
   # ---- training (SPEC section 5) ----

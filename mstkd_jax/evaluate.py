@@ -353,6 +353,14 @@ def output_dir(workdir, split):
   return os.path.join(workdir, 'eval' if split == 'test' else f'eval_{split}')
 
 
+def _student_kind(config):
+  """'MST-KDNet student', or 'Student trained without distillation' (the :plain variant)."""
+  l = config.loss
+  if not (l.lambda_mstkd or l.lambda_logit or l.lambda_gsme or l.content_weight):
+    return 'Student trained without distillation'
+  return 'MST-KDNet student'
+
+
 def _evaluate_and_report(config, workdir, student, teacher, split, source, out=None):
   from mstkd_jax.data import pipeline
   sliding = bool(_eval_field(config, 'sliding_window', False))
@@ -371,7 +379,7 @@ def _evaluate_and_report(config, workdir, student, teacher, split, source, out=N
   summary = report.summarize(rows, convention)
   if jax.process_index() == 0:
     summary = report.write_report(rows, out, convention,
-                                  title=f'MST-KDNet student, {split} split ({source})')
+                                  title=f'{_student_kind(config)}, {split} split ({source})')
     summary.update(split=split, source=source, seconds=round(seconds, 1),
                    sliding_window=sliding, skipped_cases=list(cases.skipped_cases))
     report.write_summary_json(summary, os.path.join(out, 'summary.json'))

@@ -89,7 +89,8 @@ def resolve_root(config, workdir):
     return os.fspath(d.root)
   out = os.path.join(workdir, 'synthetic')
   synthetic.generate_dataset(out, d.synthetic_cases, tuple(d.synthetic_shape),
-                             d.synthetic_layout, seed=config.seed)
+                             d.synthetic_layout, seed=config.seed,
+                             spacing=d.get('synthetic_spacing', 1.0))
   return out
 
 

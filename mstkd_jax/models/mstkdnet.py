@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mstkd_jax.models.layers import ResBlock, conv, maxpool2, upsample2
-from mstkd_jax.models.transformer import UNETRBranch
+from mstkd_jax.models.transformer import Transformer, UNETRBranch
 
 Dtype = Any
 
@@ -85,10 +85,11 @@ class MSTKDNet(nn.Module):
     c3 = block('conv3b')(block('conv3a')(c2d))
     c3d = conv(8 * c, stride=2, dtype=dt, name='ds3')(c3)
 
-    branch = UNETRBranch(
+    transformer = Transformer(
         self.embed_dim, self.num_heads, self.num_layers, self.mlp_dim, self.patch_size,
-        tuple(self.kept_blocks), tuple(self.decoder_channels), self.dropout,
-        self.attention_dropout, self.remat, dt, name='Unetr')
+        tuple(self.kept_blocks), self.dropout, self.attention_dropout, self.remat, dt,
+        parent=None)  # unbound: UNETRBranch adopts it as its 'transformer'
+    branch = UNETRBranch(transformer, tuple(self.decoder_channels), dt, name='Unetr')
     t, features, attention = branch(c3d, train)
     t = t + c3d
 

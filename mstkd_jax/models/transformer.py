@@ -111,35 +111,27 @@ class Transformer(nn.Module):
 class UNETRBranch(nn.Module):
   """Transformer plus the UNETR convolutional decoder.
 
-  Returns (output map with ``out_channels`` at the input's size, [z3', z6', z9', z12'],
-  [attention probabilities of the kept blocks]). With patch 2**s the z3' path uses 4 - s
-  stride-2 ConvBlocks (2 at the default patch 4) so that every map lands at the right size.
+  ``transformer`` is an unbound ``Transformer`` (its sizes live there only); it is adopted as
+  the submodule 'transformer'. Returns (output map with ``out_channels`` at the input's size,
+  [z3', z6', z9', z12'], [attention probabilities of the kept blocks]). With patch 2**s the
+  z3' path uses 4 - s stride-2 ConvBlocks (2 at the default patch 4) so that every map lands
+  at the right size.
   """
-  embed_dim: int
-  num_heads: int
-  num_layers: int
-  mlp_dim: int
-  patch_size: int
-  kept_blocks: Sequence[int]
+  transformer: Transformer
   decoder_channels: Sequence[int]
-  dropout: float
-  attention_dropout: float
-  remat: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if len(self.kept_blocks) != 4:
-      raise ValueError(f'model.kept_blocks must name 4 blocks, got {tuple(self.kept_blocks)}')
-    levels = int(round(math.log2(self.patch_size)))
-    if 2 ** levels != self.patch_size or not 1 <= levels <= 3:
-      raise ValueError(f'model.patch_size must be 2, 4 or 8, got {self.patch_size}')
+    kept, patch = self.transformer.kept_blocks, self.transformer.patch_size
+    if len(kept) != 4:
+      raise ValueError(f'model.kept_blocks must name 4 blocks, got {tuple(kept)}')
+    levels = int(round(math.log2(patch)))
+    if 2 ** levels != patch or not 1 <= levels <= 3:
+      raise ValueError(f'model.patch_size must be 2, 4 or 8, got {patch}')
     c0, c1, c2, c3, c4 = self.decoder_channels
     dt = self.dtype
-    hidden, probs, grid = Transformer(
-        self.embed_dim, self.num_heads, self.num_layers, self.mlp_dim, self.patch_size,
-        tuple(self.kept_blocks), self.dropout, self.attention_dropout, self.remat, dt,
-        name='transformer')(x, train)
+    hidden, probs, grid = self.transformer(x, train)
     to_map = lambda z: z.reshape((z.shape[0],) + grid + (z.shape[-1],))
     z3, z6, z9, z12 = (to_map(z) for z in hidden)
 
