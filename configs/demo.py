@@ -68,9 +68,10 @@ def get_config(arg=None):
   c.loss.content_weight = 0.02
 
   c.eval.batch_size = 4
-  # Centre window (SPEC): on synthetic cases the brain box is the window anyway; on real cases
-  # at 2 mm (about 70 x 85 x 70 voxels) sliding windows cost 12 windows per input and subset,
-  # ~12x the evaluation time on a CPU: --config.eval.sliding_window=True scores the whole box.
+  # Centre window (SPEC): the central 48^3 of each brain box (about 60 x 70 x 64 voxels on the
+  # synthetic cases, 70 x 85 x 70 on real ones at 2 mm). Sliding windows over the whole box
+  # cost about 8-12 windows per input and subset, as many times the evaluation time on a CPU:
+  # --config.eval.sliding_window=True.
   c.eval.sliding_window = False
   c.eval.figure = True
 
