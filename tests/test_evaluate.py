@@ -24,6 +24,15 @@ def read_csv(path):
     return list(csv.DictReader(f))
 
 
+def test_table_title_names_the_variant():
+  from configs import brats
+  assert evaluate._student_kind(brats.get_config('tiny')) == 'MST-KDNet student'
+  assert evaluate._student_kind(brats.get_config('tiny,plain')) == \
+      'Student trained without distillation'
+  # One distillation term left on is still MST-KDNet (an ablation, not the plain student).
+  assert evaluate._student_kind(brats.get_config('tiny,no_mstkd')) == 'MST-KDNet student'
+
+
 def test_window_starts_cover_the_box():
   assert evaluate.window_starts((32, 32, 32), (32, 32, 32)) == [(0, 0, 0)]
   starts = evaluate.window_starts((70, 85, 32), (32, 32, 32), overlap=0.5)
