@@ -90,7 +90,7 @@ def resolve_root(config, workdir):
   out = os.path.join(workdir, 'synthetic')
   synthetic.generate_dataset(out, d.synthetic_cases, tuple(d.synthetic_shape),
                              d.synthetic_layout, seed=config.seed,
-                             spacing=d.get('synthetic_spacing', 1.0))
+                             spacing=d.synthetic_spacing)
   return out
 
 
