@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mstkd_jax import parallel, step as step_lib, train  # noqa: E402
+from mstkd_jax import host_memory, parallel, step as step_lib, train  # noqa: E402
 from mstkd_jax.logging_utils import memory_dict  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,9 @@ flags.DEFINE_bool('params_only', False, 'only count parameters (jax.eval_shape, 
                   'with --residuals, also the saved activations)')
 flags.DEFINE_bool('compile_only', False, 'stop after compiling; report compiled memory')
 flags.DEFINE_integer('devices', None, 'use the first N devices (default: all)')
+flags.DEFINE_enum('mode', 'train', ['train', 'infer'],
+                  'train: the training step; infer: one network\'s evaluation forward pass '
+                  '(what prediction runs), batch 1')
 flags.DEFINE_bool('residuals', False, 'also report the activations saved for the backward pass '
                   '(compiler-independent: what remat and bf16 act on)')
 flags.mark_flag_as_required('config')
@@ -47,6 +50,9 @@ flags.mark_flag_as_required('config')
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.mode == 'infer':
+    print(json.dumps(bench_forward(config)))
+    return
   spe = 100
   abstract = step_lib.abstract_state(config, spe)
   result = {
@@ -71,9 +77,15 @@ def main(argv):
   global_bs = config.train.batch_size_per_device * mesh.size
   result.update(devices=mesh.size, global_batch=global_bs,
                 shard_state=bool(config.train.get('shard_state', False)))
+  if not FLAGS.compile_only:
+    # As training does: the state first, then the step (each followed by a trim of the host
+    # heap), so that the compiler's freed memory is not counted on top of the state.
+    state = train.create_state(config, mesh, spe)
+    host_memory.trim()
   t0 = time.time()
   compiled = train.compile_train_step(config, mesh, spe, abstract, global_bs)
   result['compile_s'] = round(time.time() - t0, 2)
+  host_memory.trim()
   result['memory'] = memory_dict(compiled)
   if result['memory']:
     m = result['memory']
@@ -88,7 +100,6 @@ def main(argv):
     _add_host_rss(result)
     print(json.dumps(result))
     return
-  state = train.create_state(config, mesh, spe)
   batches = train.random_batches(config, global_bs)
   batch = parallel.global_batch(next(batches), mesh)
   rng = parallel.replicated_key(0, mesh)
@@ -113,6 +124,34 @@ def main(argv):
     pass
   _add_host_rss(result)
   print(json.dumps(result))
+
+
+def bench_forward(config):
+  """Compile and time one network's evaluation forward pass (sigmoid probabilities)."""
+  import jax.numpy as jnp
+  from mstkd_jax.models.mstkdnet import network_from_config
+  net = network_from_config(config)
+  x = jnp.asarray(np.random.RandomState(0).rand(*step_lib.input_shape(config)), jnp.float32)
+  variables = jax.jit(lambda k: net.init({'params': k, 'dropout': k}, x, train=False))(
+      jax.random.key(config.seed))
+  host_memory.trim()
+  forward = jax.jit(functools.partial(step_lib.predict_probs, config=config))
+  t0 = time.time()
+  compiled = forward.lower(variables['params'], variables['batch_stats'], x).compile()
+  host_memory.trim()
+  result = {'mode': 'infer', 'shape': list(config.data.input_shape), 'dtype': config.dtype,
+            'backend': jax.default_backend(), 'jax': jax.__version__,
+            'compile_s': round(time.time() - t0, 2)}
+  jax.block_until_ready(compiled(variables['params'], variables['batch_stats'], x))
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(variables['params'], variables['batch_stats'], x))
+    times.append(time.perf_counter() - t0)
+  result.update(sec_per_forward_median=round(float(np.median(times)), 4),
+                sec_per_forward_min=round(min(times), 4), forwards=FLAGS.steps)
+  _add_host_rss(result)
+  return result
 
 
 def saved_residuals(config, abstract):

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import host_memory
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
 from mstkd_jax.logging_utils import MetricWriter, describe_memory
@@ -57,14 +58,18 @@ def state_shardings(config, mesh, abstract_state):
 def create_state(config, mesh, spe, shardings=None):
   """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
 
-  The state is initialised on one device (so there is one initialisation program whatever the
-  mesh), brought to the host and copied to the devices: every process computes the same values
-  from ``config.seed`` and keeps only the pieces its devices hold.
+  One process: initialised by one program whose outputs already have ``shardings`` (no host
+  copy: the state of the full-size model is 3.5 GiB). Several processes: initialised on one
+  device of each, brought to the host and copied to the devices, so that every process
+  computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
+  jax.random's values do not depend on how an array is sharded, so both give the same state.
   """
-  init = jax.jit(functools.partial(step_lib.init_state, config, spe=spe))
-  host = jax.device_get(init(jax.random.key(config.seed)))
+  init = functools.partial(step_lib.init_state, config, spe=spe)
   if shardings is None:
     shardings = state_shardings(config, mesh, step_lib.abstract_state(config, spe))
+  if jax.process_count() == 1:
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
   return parallel.host_to_global(host, shardings)
 
 
@@ -262,8 +267,10 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
                  step_lib.count_params(state.params['student']),
                  step_lib.count_params(state.disc_params))
 
+  host_memory.trim()
   t0 = time.time()
   compiled = compile_train_step(config, mesh, spe, abstract, global_bs, shardings)
+  host_memory.trim()
   logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
                time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
   rng = parallel.replicated_key(config.seed + 1, mesh)

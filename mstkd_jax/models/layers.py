@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mstkd_jax.native import onednn
+
 Dtype = Any
 
 
@@ -22,20 +24,43 @@ torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform
 
 def conv(features, kernel=3, stride=1, padding=None, dtype=jnp.float32, name=None):
   """3D convolution with bias and PyTorch-style symmetric padding ((k - 1) // 2 per side)
-  and PyTorch's default weight initialisation."""
+  and PyTorch's default weight initialisation; on the CPU it runs through oneDNN
+  (``mstkd_jax.native.onednn``), elsewhere through XLA."""
   pad = (kernel - 1) // 2 if padding is None else padding
   return nn.Conv(features, (kernel,) * 3, strides=(stride,) * 3, padding=((pad, pad),) * 3,
-                 dtype=dtype, name=name, kernel_init=torch_conv_init)
+                 dtype=dtype, name=name, kernel_init=torch_conv_init,
+                 conv_general_dilated=onednn.conv_general_dilated)
+
+
+class Deconv2(nn.Module):
+  """Transposed convolution, kernel 2, stride 2, no padding: doubles each spatial size.
+
+  PyTorch's ``ConvTranspose3d(k=2, s=2)``: every input voxel writes its own 2x2x2 output block,
+  y[2i+a, 2j+b, 2k+c, o] = sum_ci x[i, j, k, ci] kernel[a, b, c, o, ci] + bias[o], with kernel
+  (2, 2, 2, out, in) = PyTorch's weight (in, out, 2, 2, 2) moved (SPEC section 8), the layout
+  and initialisation of Flax's ``nn.ConvTranspose(transpose_kernel=True)``. Computed as one
+  matrix product (N H W D, in) @ (in, 8 out) and a reshuffle of the blocks: unlike a strided
+  transposed convolution, its gradients are matrix products too (XLA:CPU runs the convolution
+  form's kernel gradient at about 1 GFLOP/s; experiments/RESULTS_speed.md).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, d, c = x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (2, 2, 2, self.features, c),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    y = jnp.einsum('nhwdc,abeoc->nhwdabeo', x, kernel)
+    y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, 2 * h, 2 * w, 2 * d, self.features)
+    return y + bias
 
 
 def deconv(features, dtype=jnp.float32, name=None):
-  """Transposed convolution, kernel 2, stride 2, no padding: doubles each spatial size.
-
-  ``transpose_kernel=True`` makes the kernel (2, 2, 2, out, in) behave like PyTorch's
-  ``ConvTranspose3d`` with weight (in, out, 2, 2, 2) moved to that layout (SPEC section 8).
-  """
-  return nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2), padding='VALID',
-                          transpose_kernel=True, dtype=dtype, name=name)
+  """Transposed convolution, kernel 2, stride 2 (``Deconv2``)."""
+  return Deconv2(features, dtype=dtype, name=name)
 
 
 def upsample2(x):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mstkd_jax.models.layers import ConvBlock, DeconvBlock, conv, deconv
+from mstkd_jax.native import onednn
 
 Dtype = Any
 
@@ -88,7 +89,8 @@ class Transformer(nn.Module):
   def __call__(self, x, train: bool):
     p = self.patch_size
     tokens = nn.Conv(self.embed_dim, (p, p, p), strides=(p, p, p), padding='VALID',
-                     dtype=self.dtype, name='patch_embeddings')(x)
+                     dtype=self.dtype, name='patch_embeddings',
+                     conv_general_dilated=onednn.conv_general_dilated)(x)
     n, gh, gw, gd, k = tokens.shape
     tokens = tokens.reshape(n, gh * gw * gd, k)  # row-major over (H, W, D), like PyTorch
     pos = self.param('position_embeddings', nn.initializers.zeros, (1, gh * gw * gd, k),
