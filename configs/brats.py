@@ -111,6 +111,10 @@ def base_config():
   l.style_theta = 1.0
   l.style_scale = 1e-4
   l.stop_gradient_teacher = False
+  # Teacher warm-up (not in the paper: 0 and 0): every distillation term is scaled by 0 for
+  # the first distill_delay_epochs, then by a linear ramp to 1 over distill_ramp_epochs.
+  l.distill_delay_epochs = 0.0
+  l.distill_ramp_epochs = 0.0
 
   # ---- evaluation ----
   e = c.eval = config_dict.ConfigDict()

@@ -148,11 +148,21 @@ def content_loss(content_f, content_m):
   return _mse(content_f, content_m)
 
 
+def distillation_scale(epoch, delay_epochs=0.0, ramp_epochs=0.0):
+  """r(epoch) in [0, 1]: 0 for the first ``delay_epochs``, then linear up to 1 over
+  ``ramp_epochs`` (a teacher warm-up; 1 throughout with both 0, the paper's recipe)."""
+  e = jnp.asarray(epoch, jnp.float32) - delay_epochs
+  if ramp_epochs <= 0:
+    return jnp.where(e >= 0, 1.0, 0.0).astype(jnp.float32)
+  return jnp.clip(e / ramp_epochs, 0.0, 1.0)
+
+
 def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
   """The network objective and its terms.
 
-  L = L_dice + lambda1 (alpha L_EVD + beta L_MST) + lambda2 (w(epoch) L_mse + L_KL)
-      + lambda3 (epsilon L_adv + theta L_style) + content_weight L_content.
+  L = L_dice + r(epoch) [lambda1 (alpha L_EVD + beta L_MST) + lambda2 (w(epoch) L_mse + L_KL)
+      + lambda3 (epsilon L_adv + theta L_style) + content_weight L_content],
+  r = ``distillation_scale`` (1 unless ``cfg.distill_delay_epochs`` / ``distill_ramp_epochs``).
 
   out_f, out_m: NetworkOutputs of teacher and student; y: (N, H, W, D, C) targets;
   d_logits_m: the discriminator's logits on the student's style map (or None when
@@ -164,13 +174,13 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
   t['dice_teacher'] = dice_loss(out_f.probs, y)
   t['dice_student'] = dice_loss(out_m.probs, y)
   t['dice'] = (1.0 - cfg.missing_weight) * t['dice_teacher'] + cfg.missing_weight * t['dice_student']
-  total = t['dice']
+  distill = 0.0
 
   if cfg.lambda_mstkd:
     t['evd'] = extreme_value_loss([sg(a) for a in out_f.attention], out_m.attention)
     t['mst'] = feature_loss([sg(z) for z in out_f.features], out_m.features)
     t['mstkd'] = cfg.evd_alpha * t['evd'] + cfg.mst_beta * t['mst']
-    total += cfg.lambda_mstkd * t['mstkd']
+    distill += cfg.lambda_mstkd * t['mstkd']
 
   if cfg.lambda_logit:
     if cfg.agreement_on == 'probabilities':
@@ -184,7 +194,7 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
                                              cfg.agreement_rampup_epochs)
     t['kl'] = standardized_kl_loss(sg(out_f.logits), out_m.logits, cfg.kl_temperature)
     t['logit'] = t['agreement_weight'] * t['agreement'] + t['kl']
-    total += cfg.lambda_logit * t['logit']
+    distill += cfg.lambda_logit * t['logit']
 
   if cfg.lambda_gsme:
     t['adv'] = adversarial_loss(d_logits_m)
@@ -192,11 +202,15 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
     g_m = [out_m.c3d, out_m.style, out_m.content]
     t['style'] = style_matching_loss(g_f, g_m, cfg.style_scale)
     t['gsme'] = cfg.adv_epsilon * t['adv'] + cfg.style_theta * t['style']
-    total += cfg.lambda_gsme * t['gsme']
+    distill += cfg.lambda_gsme * t['gsme']
 
   if cfg.content_weight:
     t['content'] = content_loss(sg(out_f.content), out_m.content)
-    total += cfg.content_weight * t['content']
+    distill += cfg.content_weight * t['content']
 
-  t['total'] = total
+  scale = distillation_scale(epoch, cfg.get('distill_delay_epochs', 0.0),
+                             cfg.get('distill_ramp_epochs', 0.0))
+  if cfg.get('distill_delay_epochs', 0.0) or cfg.get('distill_ramp_epochs', 0.0):
+    t['distill_scale'] = scale
+  t['total'] = t['dice'] + scale * distill
   return t

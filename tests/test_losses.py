@@ -179,3 +179,29 @@ def test_agreement_on_logits_option(tiny_config):
   cfg.agreement_on = 'probs'
   with pytest.raises(ValueError, match='agreement_on'):
     losses.total_loss(f, m, y, jnp.ones(1), 7, cfg)
+
+
+def test_distillation_scale_delays_then_ramps():
+  scale = lambda e, d, r: float(losses.distillation_scale(e, d, r))
+  assert scale(0, 0.0, 0.0) == 1.0                     # the paper: always on
+  assert scale(2, 3.0, 0.0) == 0.0 and scale(3, 3.0, 0.0) == 1.0
+  assert scale(1, 2.0, 4.0) == 0.0
+  assert scale(3, 2.0, 4.0) == 0.25
+  assert scale(9, 2.0, 4.0) == 1.0
+
+
+def test_teacher_warmup_scales_every_distillation_term(tiny_config):
+  cfg = config_dict.ConfigDict(tiny_config.loss.to_dict())
+  f, m = fake_outputs(0), fake_outputs(1)
+  y = (np.random.RandomState(2).rand(1, 8, 8, 8, 4) > 0.5).astype(np.float32)
+  plain = losses.total_loss(f, m, y, jnp.ones(1), 7, cfg)
+  cfg.update(distill_delay_epochs=4.0, distill_ramp_epochs=4.0)
+  during = losses.total_loss(f, m, y, jnp.ones(1), 2, cfg)
+  np.testing.assert_allclose(during['total'], during['dice'])
+  half = losses.total_loss(f, m, y, jnp.ones(1), 6, cfg)
+  np.testing.assert_allclose(half['total'] - half['dice'],
+                             0.5 * (losses.total_loss(f, m, y, jnp.ones(1), 6, tiny_config.loss)
+                                    ['total'] - half['dice']), rtol=1e-5)
+  after = losses.total_loss(f, m, y, jnp.ones(1), 9, cfg)
+  assert float(after['distill_scale']) == 1.0
+  assert 'distill_scale' not in plain
