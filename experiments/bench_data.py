@@ -68,8 +68,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     prep = pipeline.prepare(config, workdir, workers=cache_workers, progress=False)
     build_s = time.perf_counter() - t0
-    loader = pipeline.make_train_loader(config, workdir, args.batch, seed=0, progress=False,
-                                        threads=args.threads)
+    loader = pipeline.make_train_loader(prep, args.batch, seed=0, threads=args.threads)
     n = len(loader.case_ids)
     steps = max(1, n // args.batch)
     result.update(cases=n, skipped=len(prep.skipped), steps_per_epoch=steps)

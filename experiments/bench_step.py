@@ -29,6 +29,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mstkd_jax import host_memory, parallel, step as step_lib, train  # noqa: E402
+from mstkd_jax.models import build  # noqa: E402
 from mstkd_jax.logging_utils import memory_dict  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,8 +54,8 @@ def main(argv):
   if FLAGS.mode == 'infer':
     print(json.dumps(bench_forward(config)))
     return
-  spe = 100
-  abstract = step_lib.abstract_state(config, spe)
+  steps_per_epoch = 100
+  abstract = build.abstract_state(config, steps_per_epoch)
   result = {
       'shape': list(config.data.input_shape),
       'devices': jax.device_count(),
@@ -63,9 +64,9 @@ def main(argv):
       'jax': jax.__version__,
       'dtype': config.dtype,
       'remat': bool(config.remat),
-      'params': {'teacher': step_lib.count_params(abstract.params['teacher']),
-                 'student': step_lib.count_params(abstract.params['student']),
-                 'discriminator': step_lib.count_params(abstract.disc_params)},
+      'params': {'teacher': build.count_params(abstract.params['teacher']),
+                 'student': build.count_params(abstract.params['student']),
+                 'discriminator': build.count_params(abstract.disc_params)},
   }
   if FLAGS.residuals:
     result['residuals'] = saved_residuals(config, abstract)
@@ -80,10 +81,10 @@ def main(argv):
   if not FLAGS.compile_only:
     # As training does: the state first, then the step (each followed by a trim of the host
     # heap), so that the compiler's freed memory is not counted on top of the state.
-    state = train.create_state(config, mesh, spe)
+    state = train.create_state(config, mesh, steps_per_epoch)
     host_memory.trim()
   t0 = time.time()
-  compiled = train.compile_train_step(config, mesh, spe, abstract, global_bs)
+  compiled = train.compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs)
   result['compile_s'] = round(time.time() - t0, 2)
   host_memory.trim()
   result['memory'] = memory_dict(compiled)
@@ -131,11 +132,11 @@ def bench_forward(config):
   import jax.numpy as jnp
   from mstkd_jax.models.mstkdnet import network_from_config
   net = network_from_config(config)
-  x = jnp.asarray(np.random.RandomState(0).rand(*step_lib.input_shape(config)), jnp.float32)
+  x = jnp.asarray(np.random.RandomState(0).rand(*build.input_shape(config)), jnp.float32)
   variables = jax.jit(lambda k: net.init({'params': k, 'dropout': k}, x, train=False))(
       jax.random.key(config.seed))
   host_memory.trim()
-  forward = jax.jit(functools.partial(step_lib.predict_probs, config=config))
+  forward = jax.jit(functools.partial(build.predict_probs, config=config))
   t0 = time.time()
   compiled = forward.lower(variables['params'], variables['batch_stats'], x).compile()
   host_memory.trim()
@@ -161,8 +162,8 @@ def saved_residuals(config, abstract):
   The parameters, which the residuals also reference, are counted apart."""
   import jax.numpy as jnp
   n = config.train.batch_size_per_device
-  image = jax.ShapeDtypeStruct(step_lib.input_shape(config, n), jnp.float32)
-  label = jax.ShapeDtypeStruct(step_lib.input_shape(config, n)[:-1] +
+  image = jax.ShapeDtypeStruct(build.input_shape(config, n), jnp.float32)
+  label = jax.ShapeDtypeStruct(build.input_shape(config, n)[:-1] +
                                (config.model.num_classes,), jnp.float32)
   keys = (jax.random.key(1), jax.random.key(2))
 

@@ -109,17 +109,18 @@ def case_step(args, dtype, remat):
   """Compile and time the training step (the same function training runs)."""
   import jax
   import numpy as np
-  from mstkd_jax import parallel, step as step_lib, train
+  from mstkd_jax import parallel, train
+  from mstkd_jax.models import build
   from mstkd_jax.logging_utils import memory_dict
   config = _config(args.smoke, dtype, remat)
-  spe = 100
+  steps_per_epoch = 100
   mesh = parallel.make_mesh(jax.devices()[:1])
-  abstract = step_lib.abstract_state(config, spe)
+  abstract = build.abstract_state(config, steps_per_epoch)
   out = {'shape': list(config.data.input_shape), 'dtype': dtype, 'remat': remat,
          'device': jax.devices()[0].device_kind, 'batch': 1}
   _progress('compiling the step')
   t0 = time.perf_counter()
-  compiled = train.compile_train_step(config, mesh, spe, abstract, 1)
+  compiled = train.compile_train_step(config, mesh, steps_per_epoch, abstract, 1)
   out['compile_s'] = round(time.perf_counter() - t0, 2)
   _progress(f'compiled in {out["compile_s"]} s; initialising the state')
   memory = memory_dict(compiled)
@@ -133,7 +134,7 @@ def case_step(args, dtype, remat):
   except Exception:  # pylint: disable=broad-except
     pass
   t0 = time.perf_counter()
-  state = train.create_state(config, mesh, spe)
+  state = train.create_state(config, mesh, steps_per_epoch)
   batch = parallel.global_batch(next(train.random_batches(config, 1)), mesh)
   rng = parallel.replicated_key(0, mesh)
   jax.block_until_ready(state)
@@ -189,8 +190,9 @@ def case_eval(args, dtype):
   import jax
   import numpy as np
   from mstkd_jax import evaluate
+  from mstkd_jax.modalities import ALL_SUBSETS, masked_copies
   from mstkd_jax.models.mstkdnet import network_from_config
-  from mstkd_jax.step import input_shape
+  from mstkd_jax.models.build import input_shape
   config = _config(args.smoke, dtype)
   net = network_from_config(config)
   t0 = time.perf_counter()
@@ -204,7 +206,7 @@ def case_eval(args, dtype):
   case_s = time.perf_counter() - t0
   inference = evaluate.get_inference(config)
   placed = inference.place(variables)
-  images = evaluate.masked_copies(case.image, evaluate.ALL_SUBSETS)
+  images = masked_copies(case.image, ALL_SUBSETS)
   t0 = time.perf_counter()
   inference.run(placed, images[:1])
   compile_s = time.perf_counter() - t0
@@ -305,7 +307,7 @@ def _child(args, name, timeout):
   try:
     # The child's stderr (its progress lines) goes straight to ours.
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
-  except subprocess.TimeoutExpired as e:
+  except subprocess.TimeoutExpired:
     return {'case': name, 'error': f'timed out after {timeout:.0f} s'}
   wall = round(time.perf_counter() - t0, 2)
   for line in reversed(proc.stdout.splitlines()):

@@ -43,7 +43,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mstkd_jax import parallel, step as step_lib, train  # noqa: E402
+from mstkd_jax import parallel, train  # noqa: E402
+from mstkd_jax.models import build  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'config file[:variant]', lock_config=True)
@@ -177,12 +178,12 @@ def summarise(events, instructions, computations, top):
 def main(argv):
   del argv
   config = FLAGS.config
-  spe = 100
+  steps_per_epoch = 100
   mesh = parallel.make_mesh(jax.devices()[:1])
-  abstract = step_lib.abstract_state(config, spe)
-  compiled = train.compile_train_step(config, mesh, spe, abstract, 1)
+  abstract = build.abstract_state(config, steps_per_epoch)
+  compiled = train.compile_train_step(config, mesh, steps_per_epoch, abstract, 1)
   instructions, computations = parse_hlo(compiled.as_text())
-  state = train.create_state(config, mesh, spe)
+  state = train.create_state(config, mesh, steps_per_epoch)
   batch = parallel.global_batch(next(train.random_batches(config, 1)), mesh)
   rng = parallel.replicated_key(0, mesh)
   state, metrics = compiled(state, batch, rng)

@@ -18,12 +18,15 @@ directory. Every process calls ``save`` and ``restore``; Orbax writes each array
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from ml_collections import config_dict
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from mstkd_jax.models import build
 
 VAL_METRIC = 'val_dice'
 
@@ -190,24 +193,12 @@ def save_network(directory, variables, config, network='student', source='', ove
   return directory
 
 
-def network_variables_struct(config):
-  """Shapes of one network's {'params', 'batch_stats'} for ``config`` (no compute)."""
-  from mstkd_jax import step as step_lib
-  from mstkd_jax.models.mstkdnet import network_from_config
-  import jax.numpy as jnp
-  net = network_from_config(config)
-  x = jnp.zeros(step_lib.input_shape(config))
-  return jax.eval_shape(lambda: net.init({'params': jax.random.key(0),
-                                          'dropout': jax.random.key(0)}, x, train=False))
-
-
 def is_network_export(directory):
   return os.path.exists(os.path.join(directory, EXPORT_MANIFEST))
 
 
 def load_config(directory):
   """The config saved beside a checkpoint (``config.json`` of a workdir or an export)."""
-  from ml_collections import config_dict
   path = os.path.join(directory, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {directory} a workdir or an exported '
@@ -224,33 +215,186 @@ def _lists_to_tuples(d):
   return d
 
 
-def load_network(config, location, which=None, network='student'):
-  """One network's {'params', 'batch_stats'} from an export folder (``manifest.json``) or
-  from a training workdir's checkpoints (``which``: 'latest', 'best' or a step).
+# ---- the one network loader: exports, converted weights and training workdirs ----
 
-  Shapes are checked against ``config``: a checkpoint of another model size is refused with
-  a message naming both.
+# Fields that must agree between the config a network was trained with and the one it is used
+# with: everything that shapes the parameters or the input the network expects.
+COMPATIBLE_FIELDS = (
+    ('model', None),                   # every model field
+    ('data', 'input_shape'),
+    ('data', 'normalization'),
+    ('data', 'spacing'),
+    ('dtype', None),
+)
+
+
+def _field(config, section, name):
+  node = config.get(section) if hasattr(config, 'get') else None
+  if name is None:
+    return node.to_dict() if hasattr(node, 'to_dict') else node
+  return node.get(name) if node is not None and hasattr(node, 'get') else None
+
+
+def _normalise(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def check_compatible(config, saved_config, location=''):
+  """Raises ValueError naming every differing field when ``config`` cannot use a network
+  trained with ``saved_config`` (model size, input shape, normalisation, spacing, dtype)."""
+  diffs = []
+  for section, name in COMPATIBLE_FIELDS:
+    a = _normalise(_field(config, section, name))
+    b = _normalise(_field(saved_config, section, name))
+    if a == b:
+      continue
+    if isinstance(a, dict) and isinstance(b, dict):
+      for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+          diffs.append(f'{section}.{key}: config {a.get(key)!r}, checkpoint {b.get(key)!r}')
+    else:
+      where = f'{section}.{name}' if name else section
+      diffs.append(f'{where}: config {a!r}, checkpoint {b!r}')
+  if diffs:
+    raise ValueError(f'the checkpoint {location} was trained with another config: '
+                     + '; '.join(diffs) + '. Use the config it was trained with (its '
+                     'config.json), or no --config at all where the command allows it.')
+
+
+class NetworkMismatchError(ValueError):
+  """Stored weights that do not fit the network: every missing, unknown, mis-shaped entry."""
+
+  def __init__(self, missing=(), unexpected=(), misshaped=(), hint='',
+               what='the stored weights do not match the network built from the config:'):
+    self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+    lines = [what]
+    if self.missing:
+      lines.append(f'  missing ({len(self.missing)}): ' + ', '.join(self.missing))
+    if self.unexpected:
+      lines.append(f'  unexpected ({len(self.unexpected)}): ' + ', '.join(self.unexpected))
+    if self.misshaped:
+      lines.append(f'  wrong shape ({len(self.misshaped)}): ' + ', '.join(
+          f'{n} {tuple(got)} (expected {tuple(want)})' for n, got, want in self.misshaped))
+    if hint:
+      lines.append('  ' + hint)
+    super().__init__('\n'.join(lines))
+
+
+def _flat_shapes(tree, prefix=()):
+  """{(key, ...): shape} of a nested mapping whose leaves have a ``shape``."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat_shapes(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = tuple(value.shape)
+  return out
+
+
+def _check_stored(directory, target):
+  """Every leaf of ``target`` is stored in the export with the same shape, nothing else is."""
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    stored = ckptr.metadata(directory)
+  finally:
+    ckptr.close()
+  stored = getattr(stored, 'item_metadata', stored)
+  stored = getattr(stored, 'tree', stored)
+  try:
+    have = _flat_shapes(dict(stored))
+  except (AttributeError, TypeError):
+    return  # unknown metadata format: leave the checks to Orbax
+  want = _flat_shapes(dict(target))
+  missing = sorted('/'.join(k) for k in want if k not in have)
+  unexpected = sorted('/'.join(k) for k in have if k not in want)
+  misshaped = sorted(('/'.join(k), have[k], want[k]) for k in want
+                     if k in have and have[k] != want[k])
+  if missing or unexpected or misshaped:
+    raise NetworkMismatchError(missing, unexpected, misshaped,
+                               'the export was written for another network configuration')
+
+
+@dataclasses.dataclass
+class LoadedNetworks:
+  """Networks read from a checkpoint: ``networks`` maps 'student' / 'teacher' to
+  {'params', 'batch_stats'}; ``config`` is the config they are used with; ``source`` says
+  where they came from (for logs and reports)."""
+  networks: dict
+  config: Any
+  source: str
+  is_export: bool = False
+
+  def primary(self):
+    """The student when present, else the one network an export holds."""
+    return self.networks.get('student') or next(iter(self.networks.values()))
+
+
+def resolve_location(workdir, checkpoint=None):
+  """(location, which) of a ``--checkpoint`` value: a folder (an export or another workdir)
+  stands for itself; anything else ('latest', 'best', a step) is a step of ``workdir``."""
+  if checkpoint and os.path.isdir(checkpoint):
+    return checkpoint, None
+  return workdir, checkpoint
+
+
+def load_networks(config, location, which=None, names=('student',)) -> LoadedNetworks:
+  """The one way to load networks, from any of:
+
+    * an exported or converted network folder (``manifest.json``): the one network it holds;
+      ``which`` must be None or 'latest';
+    * a training workdir's checkpoints: ``which`` is None / 'latest', 'best' or a step; every
+      network of ``names`` ('student', 'teacher').
+
+  ``config`` None uses the config saved beside the weights; otherwise it must be compatible
+  with it (``check_compatible``). Weights that do not fit the network raise ValueError (an
+  export: ``NetworkMismatchError`` listing the differences).
   """
-  target = network_variables_struct(config)
+  if not os.path.isdir(location):
+    raise FileNotFoundError(f'{location} is not a folder (an exported network or a training '
+                            'workdir)')
+  saved = load_config(location) if os.path.exists(os.path.join(location, 'config.json')) else None
+  if config is None:
+    if saved is None:
+      raise FileNotFoundError(f'{os.path.join(location, "config.json")} not found: is '
+                              f'{location} a workdir or an exported network?')
+    config = saved
+  elif saved is not None:
+    check_compatible(config, saved, location)
   if is_network_export(location):
+    if which not in (None, '', 'latest'):
+      raise ValueError(f'{location} is an exported network: a checkpoint step ({which}) does '
+                       'not apply')
+    with open(os.path.join(location, EXPORT_MANIFEST)) as f:
+      manifest = json.load(f)
+    if manifest.get('kind') != 'network':
+      raise ValueError(f'{location}/{EXPORT_MANIFEST}: kind {manifest.get("kind")!r}, '
+                       'expected "network"')
+    directory = os.path.join(os.path.abspath(location), 'variables')
+    target = build.network_struct(config)
+    _check_stored(directory, target)
     target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     try:
-      return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(location),
-                                                             'variables'), target)
+      variables = ocp.StandardCheckpointer().restore(directory, target)
     except (ValueError, KeyError) as e:
       raise ValueError(f'{location} does not hold a network of this config '
                        f'(model {dict(config.model)}): {e}') from e
+    variables = {'params': variables['params'],
+                 'batch_stats': variables.get('batch_stats', {})}
+    return LoadedNetworks({manifest.get('network', 'student'): variables}, config,
+                          f'export {os.path.abspath(location)}', is_export=True)
   directory = os.path.join(location, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{location} is neither an exported network (no {EXPORT_MANIFEST})'
                             ' nor a training workdir (no checkpoints/ folder)')
-  from mstkd_jax import step as step_lib
   manager = make_manager(directory, read_only=True)
   step = resolve_step(manager, which)
-  abstract = step_lib.abstract_state(config, spe=1)
   try:
-    state, _, _ = restore(manager, step, abstract, with_data=False)
+    state, _, _ = restore(manager, step, build.abstract_state(config), with_data=False)
   except (ValueError, KeyError) as e:
     raise ValueError(f'checkpoint {directory}/{step} does not match this config '
                      f'(model {dict(config.model)}): {e}') from e
-  return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
+  finally:
+    manager.close()
+  label = f'step {step}' + (' (best validation Dice)' if which == 'best' else '')
+  return LoadedNetworks({name: build.network_variables(state, name) for name in names},
+                        config, label)

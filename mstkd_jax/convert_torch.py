@@ -21,9 +21,9 @@ size need ``--config.data.input_shape=...``. ``.pth`` files are read with
 ``torch.load(weights_only=True)``; ``--allow_pickle`` lifts that for a file you trust.
 
 Layout rules (SPEC section 8): conv weight (O, I, kH, kW, kD) -> kernel (kH, kW, kD, I, O);
-transposed-conv weight (I, O, k, k, k) -> kernel (k, k, k, O, I) (our ``nn.ConvTranspose`` uses
-``transpose_kernel=True``), which is the same axis permutation; linear weight (out, in) ->
-kernel (in, out); GroupNorm / LayerNorm / BatchNorm weight -> scale, bias -> bias; BatchNorm
+transposed-conv weight (I, O, k, k, k) -> kernel (k, k, k, O, I) (``layers.Deconv2``, the
+layout of Flax's ``ConvTranspose(transpose_kernel=True)``), which is the same axis permutation;
+linear weight (out, in) -> kernel (in, out); GroupNorm / LayerNorm / BatchNorm weight -> scale, bias -> bias; BatchNorm
 running_mean / running_var -> ``batch_stats`` mean / var; ``num_batches_tracked`` is dropped
 (the authors' BatchNorms use a fixed momentum, so it plays no part); the position embedding
 (1, T, K) is kept as it is. Module names follow the authors' with rules (see
@@ -32,7 +32,7 @@ running_mean / running_var -> ``batch_stats`` mean / var; ``num_batches_tracked`
 running_var`` <-> ``batch_stats/Unetr/decoder9_upsampler_0/bn/var``.
 
 Single-network export format (written here, and by the student export of trained checkpoints;
-read by evaluation and prediction through :func:`load_network_variables`):
+read by evaluation and prediction through ``checkpoint.load_networks``):
 
   DIR/variables/       Orbax checkpoint (``StandardCheckpointer``) of one network's variables
                        ``{'params': ..., 'batch_stats': ...}``, float32
@@ -41,43 +41,33 @@ read by evaluation and prediction through :func:`load_network_variables`):
   DIR/manifest.json    ``{"kind": "network", "network": "student" | "teacher", "source": ...}``
 
 Python API: :func:`load_state_dict_file`, :func:`from_torch_state_dict`,
-:func:`to_torch_state_dict`, :func:`convert`, :func:`save_network_variables`,
-:func:`load_network_variables`, :func:`abstract_network_variables`.
+:func:`to_torch_state_dict`, :func:`convert`; the export
+is written by ``checkpoint.save_network`` and read by ``checkpoint.load_networks``.
 """
 
-import json
 import os
 import re
 import sys
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax.cli import underscore_flags
+from mstkd_jax.models import build
 
-VARIABLES_DIR = 'variables'
-CONFIG_FILE = 'config.json'
-MANIFEST_FILE = 'manifest.json'
 NETWORK_KEYS = {'student': 'model_missing', 'teacher': 'model_full'}
 _NBT = 'num_batches_tracked'
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(ckpt.NetworkMismatchError):
   """The state_dict does not fit the network: lists every missing, unknown, mis-shaped entry."""
 
   def __init__(self, missing=(), unexpected=(), misshaped=(), hint=''):
-    self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
-    lines = ['the state_dict does not match the network built from the config:']
-    if self.missing:
-      lines.append(f'  missing ({len(self.missing)}): ' + ', '.join(self.missing))
-    if self.unexpected:
-      lines.append(f'  unexpected ({len(self.unexpected)}): ' + ', '.join(self.unexpected))
-    if self.misshaped:
-      lines.append(f'  wrong shape ({len(self.misshaped)}): ' + ', '.join(
-          f'{n} {tuple(got)} (expected {tuple(want)})' for n, got, want in self.misshaped))
-    if hint:
-      lines.append('  ' + hint)
-    super().__init__('\n'.join(lines))
+    super().__init__(missing, unexpected, misshaped, hint,
+                     what='the state_dict does not match the network built from the config:')
 
 
 # ---- names ----
@@ -208,7 +198,7 @@ def expected_torch_shapes(abstract_variables) -> Dict[str, Tuple[int, ...]]:
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], abstract_variables) -> Dict[str, Any]:
   """The authors' state_dict (name -> array) -> our ``{'params', 'batch_stats'}`` (NumPy,
-  dtypes of ``abstract_variables``, e.g. from :func:`abstract_network_variables`).
+  dtypes of ``abstract_variables``, e.g. from ``models.build.network_struct``).
 
   Raises :class:`StateDictMismatchError` listing every missing, unknown or mis-shaped entry.
   ``num_batches_tracked`` entries may be absent; they are checked for name only and dropped.
@@ -337,82 +327,19 @@ def load_state_dict_file(path, which: str = 'student',
   return {k: _to_numpy(v) for k, v in sd.items()}
 
 
-# ---- our side: abstract variables, Orbax export ----
-
-def abstract_network_variables(config):
-  """ShapeDtypeStructs of one network's ``{'params', 'batch_stats'}`` (no computation)."""
-  return dict(ckpt.network_variables_struct(config))
-
-
-def save_network_variables(directory, variables, config, network: str = 'student',
-                           source: str = '', overwrite: bool = False) -> str:
-  """Writes one network's variables in the single-network export format (module docstring)."""
-  return ckpt.save_network(directory, variables, config, network=network, source=source,
-                           overwrite=overwrite)
-
-
-read_export_config = ckpt.load_config
-
-
-def load_network_variables(directory, config=None) -> Dict[str, Any]:
-  """Restores ``{'params', 'batch_stats'}`` of a single-network export as jax Arrays.
-
-  The stored tree is first compared with :func:`abstract_network_variables` of ``config``
-  (default: the export's own config.json), so a tree or shape that does not fit the network is
-  a :class:`StateDictMismatchError` listing every difference rather than a silent mismatch.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.fspath(directory))
-  manifest_path = os.path.join(directory, MANIFEST_FILE)
-  if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f'{directory} is not a network export (no {MANIFEST_FILE})')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get('kind') != 'network':
-    raise ValueError(f'{manifest_path}: kind {manifest.get("kind")!r}, expected "network"')
-  if config is None:
-    config = read_export_config(directory)
-  ckptr = ocp.StandardCheckpointer()
-  stored = ckptr.metadata(os.path.join(directory, VARIABLES_DIR))
-  ckptr.close()
-  stored = getattr(stored, 'item_metadata', stored)
-  stored = getattr(stored, 'tree', stored)
-  _check_stored(stored, abstract_network_variables(config))
-  restored = ckpt.load_network(config, directory)
-  return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
-
-
-def _check_stored(stored, abstract):
-  """Every leaf of the target is stored with the same shape, and nothing else is stored."""
-  try:
-    have = {k: tuple(v.shape) for k, v in _flatten(dict(stored)).items()}
-  except (AttributeError, TypeError):
-    return  # unknown metadata format: leave the checks to Orbax
-  want = {k: tuple(v.shape) for k, v in _flatten(dict(abstract)).items()}
-  missing = sorted('/'.join(k) for k in want if k not in have)
-  unexpected = sorted('/'.join(k) for k in have if k not in want)
-  misshaped = sorted(('/'.join(k), have[k], want[k]) for k in want
-                     if k in have and have[k] != want[k])
-  if missing or unexpected or misshaped:
-    raise StateDictMismatchError(missing, unexpected, misshaped,
-                                 'the export was written for another network configuration')
-
-
 def convert(state_dict_path, config, out_dir, which: str = 'student',
             allow_pickle: bool = False, overwrite: bool = False) -> str:
   """Reads FILE, converts it for the network of ``config`` and writes the export to out_dir."""
   state_dict = load_state_dict_file(state_dict_path, which, allow_pickle)
-  variables = from_torch_state_dict(state_dict, abstract_network_variables(config))
-  return save_network_variables(out_dir, variables, config, network=which,
-                                source=os.path.abspath(os.fspath(state_dict_path)),
-                                overwrite=overwrite)
+  variables = from_torch_state_dict(state_dict, dict(build.network_struct(config)))
+  return ckpt.save_network(out_dir, variables, config, network=which,
+                           source=os.path.abspath(os.fspath(state_dict_path)),
+                           overwrite=overwrite)
 
 
 # ---- command line ----
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   out = convert(f.state_dict, f.config, f.out, which=f.which, allow_pickle=f.allow_pickle,
@@ -422,8 +349,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', 'configs/brats.py', 'Network configuration.',
                                   lock_config=True)
   flags.DEFINE_string('state_dict', None, 'The authors\' state_dict or training checkpoint '
@@ -437,7 +362,5 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  from mstkd_jax.cli import underscore_flags  # pylint: disable=g-import-not-at-top
   app.run(main, argv=underscore_flags(sys.argv))

@@ -1,7 +1,7 @@
 """The 15-subset evaluation (SPEC section 6), validation during training, and the inference core.
 
 ``evaluate_checkpoint(config, workdir, checkpoint, split)`` (``--mode=eval``) and
-``evaluate_state(config, workdir, state, split)`` (end of training) run the student on every case
+``evaluate_state(config, dataset, state, split)`` (end of training) run the student on every case
 of the split once per modality subset (absent modalities zeroed), and the teacher on the full
 input as a reference row when the checkpoint has one. Per case and subset they compute Dice and
 HD95 of WT / TC / ET (``config.eval.hd95_convention``; HD95 in mm of the case's voxel spacing)
@@ -24,10 +24,14 @@ The host computes the metrics of one case in a background thread while the devic
 With several processes each evaluates a share of the cases and the results are gathered; only
 process 0 writes files.
 
-``make_validator(config, workdir)`` returns ``validate(state, epoch)`` for the training loop:
-the student's mean Dice (WT, TC, ET averaged) on the validation split, over the 15 subsets
-(``config.eval.val_subsets='all'``) or the full input only (``'full'``), always on the centre
-window; the training loop keeps the checkpoint with the best value (``--checkpoint=best``).
+``make_validator(config, dataset)`` returns ``validate(state, epoch)``, which the face that
+wires a run passes to the training loop: the student's mean Dice (WT, TC, ET averaged) on the
+validation split over ``config.eval.val_subsets`` ('all' 15, or any subsets in the vocabulary of
+``modalities.parse_subsets``) and the teacher's on the full input, on the centre window; the
+loop keeps the checkpoint with the best student value (``--checkpoint=best``).
+
+Evaluation imports nothing from training: networks come from ``models.build`` and
+``checkpoint``, data from ``data.pipeline``.
 """
 
 import concurrent.futures
@@ -35,23 +39,21 @@ import functools
 import json
 import math
 import os
-import sys
 import time
-from typing import Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import report
-from mstkd_jax import step as step_lib
-from mstkd_jax.subsets import ALL_SUBSETS, subset_name
-
-FULL_SUBSET = (True, True, True, True)
+from mstkd_jax.data import pipeline
+from mstkd_jax.logging_utils import Progress
+from mstkd_jax.models import build
+from mstkd_jax.modalities import ALL_SUBSETS, FULL, masked_copies, parse_subsets, subset_name
 
 
 def _eval_field(config, name, default):
@@ -109,7 +111,6 @@ def _local_copy(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if x.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return x
 
@@ -136,7 +137,7 @@ class Inference:
     mesh = Mesh(np.asarray(devices), ('data',))
     self._replicated = NamedSharding(mesh, P())
     self._batch_sharding = NamedSharding(mesh, P('data'))
-    forward = functools.partial(step_lib.predict_probs, config=config)
+    forward = functools.partial(build.predict_probs, config=config)
 
     def probs(variables, images):
       with jax.named_scope('evaluate_forward'):
@@ -234,55 +235,6 @@ def get_inference(config, batch_size=None) -> Inference:
   return _INFERENCE[key]
 
 
-def masked_copies(image, subsets):
-  """[S, ..., 4]: one copy of ``image`` per subset with the absent modalities zeroed."""
-  masks = np.asarray(subsets, np.float32)
-  return image[None] * masks.reshape((len(subsets),) + (1,) * (image.ndim - 1) + (-1,))
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-  """tqdm on a terminal; elsewhere a log line with the rate and ETA about every 10 % / 60 s."""
-
-  def __init__(self, total, desc, unit='case', enabled=True):
-    self.total, self.desc, self.unit = int(total), desc, unit
-    self.done = 0
-    self.start = time.time()
-    self._last_log = self.start
-    self._bar = None
-    self.enabled = enabled
-    if enabled and sys.stderr.isatty():
-      try:
-        from tqdm import tqdm
-        self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
-      except ImportError:
-        pass
-
-  def update(self, n=1):
-    self.done += n
-    if self._bar is not None:
-      self._bar.update(n)
-      return
-    if not self.enabled:
-      return
-    now = time.time()
-    tenth = max(1, self.total // 10)
-    if self.done == self.total or self.done % tenth == 0 or now - self._last_log > 60:
-      self._last_log = now
-      elapsed = now - self.start
-      rate = self.done / max(elapsed, 1e-9)
-      eta = (self.total - self.done) / max(rate, 1e-9)
-      logging.info('%s: %d/%d %ss, %.1f s elapsed, ETA %.0f s', self.desc, self.done,
-                   self.total, self.unit, elapsed, eta)
-
-  def close(self):
-    if self._bar is not None:
-      self._bar.close()
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -302,7 +254,6 @@ def _gather_rows(rows):
   """All processes' rows, in every process (identity with one process)."""
   if jax.process_count() == 1:
     return rows
-  from jax.experimental import multihost_utils
   blob = np.frombuffer(json.dumps(rows).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
   padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -361,12 +312,11 @@ def _student_kind(config):
   return 'MST-KDNet student'
 
 
-def _evaluate_and_report(config, workdir, student, teacher, split, source, out=None):
-  from mstkd_jax.data import pipeline
+def _evaluate_and_report(config, dataset, student, teacher, split, source, out=None):
   sliding = bool(_eval_field(config, 'sliding_window', False))
-  cases = pipeline.load_eval_cases(config, workdir, split=split, full_box=sliding)
+  cases = pipeline.load_eval_cases(dataset, split=split, full_box=sliding)
   if not len(cases):
-    raise ValueError(f'the {split} split of {workdir} has no usable case')
+    raise ValueError(f'the {split} split of {dataset.workdir} has no usable case')
   logging.info('evaluating %s on %d %s cases x %d subsets%s (%s)', source, len(cases), split,
                len(ALL_SUBSETS), ' + the teacher' if teacher is not None else '',
                'sliding windows over the brain box' if sliding else 'centre window')
@@ -374,7 +324,7 @@ def _evaluate_and_report(config, workdir, student, teacher, split, source, out=N
   rows = evaluate_cases(config, cases, student, teacher, ALL_SUBSETS, sliding,
                         desc=f'evaluate {split}')
   seconds = time.time() - t0
-  out = out or output_dir(workdir, split)
+  out = out or output_dir(dataset.workdir, split)
   convention = _eval_field(config, 'hd95_convention', 'brats')
   summary = report.summarize(rows, convention)
   if jax.process_index() == 0:
@@ -389,71 +339,37 @@ def _evaluate_and_report(config, workdir, student, teacher, split, source, out=N
   return summary
 
 
-def network_variables(state, network='student'):
-  return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
-
-
-def evaluate_state(config, workdir, state, split='test'):
-  """Evaluates the student (and teacher) of a TrainState; see the module doc."""
-  return _evaluate_and_report(config, workdir, network_variables(state, 'student'),
-                              network_variables(state, 'teacher'), split,
+def evaluate_state(config, dataset, state, split='test'):
+  """Evaluates the student (and teacher) of a TrainState on ``dataset``; see the module doc."""
+  return _evaluate_and_report(config, dataset, build.network_variables(state, 'student'),
+                              build.network_variables(state, 'teacher'), split,
                               f'step {int(jax.device_get(state.step))}')
 
 
-def load_for_evaluation(config, workdir, checkpoint=None):
-  """(student, teacher or None, description) from ``checkpoint``: None / 'latest' / 'best' /
-  a step of ``workdir``'s checkpoints, a path to an exported network, or another workdir."""
-  location, which = workdir, checkpoint
-  if checkpoint and os.path.isdir(checkpoint):
-    location, which = checkpoint, None
-  if ckpt.is_network_export(location):
-    from mstkd_jax import export
-    export.check_compatible(config, ckpt.load_config(location), location)
-    return ckpt.load_network(config, location), None, f'export {os.path.abspath(location)}'
-  directory = os.path.join(location, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{location} has no checkpoints/ folder and is not an exported '
-                            'network (no manifest.json)')
-  manager = ckpt.make_manager(directory, read_only=True)
-  step = ckpt.resolve_step(manager, which)
-  abstract = step_lib.abstract_state(config, spe=1)
-  try:
-    state, _, _ = ckpt.restore(manager, step, abstract, with_data=False)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f'checkpoint {directory}/{step} does not match this config (model '
-                     f'{dict(config.model)}): {e}') from e
-  label = f'step {step}' + (' (best validation Dice)' if which == 'best' else '')
-  return network_variables(state, 'student'), network_variables(state, 'teacher'), label
-
-
 def evaluate_checkpoint(config, workdir, checkpoint=None, split='test', out=None):
-  """``--mode=eval``: restores ``checkpoint`` (see ``load_for_evaluation``) and evaluates the
-  15 subsets on ``split``; writes ``out`` (default ``<workdir>/eval``, ``eval_<split>`` for
-  other splits). Returns the summary."""
-  student, teacher, source = load_for_evaluation(config, workdir, checkpoint)
-  return _evaluate_and_report(config, workdir, student, teacher, split, source, out)
+  """``--mode=eval``: loads ``checkpoint`` (None / 'latest' / 'best' / a step of ``workdir``,
+  or the path of an exported network or another workdir; ``checkpoint.load_networks``) and
+  evaluates the 15 subsets on ``split`` of ``workdir``'s data; writes ``out`` (default
+  ``<workdir>/eval``, ``eval_<split>`` for other splits). Returns the summary."""
+  location, which = ckpt.resolve_location(workdir, checkpoint)
+  loaded = ckpt.load_networks(config, location, which, names=('student', 'teacher'))
+  dataset = pipeline.prepare(config, workdir, splits=(split,))
+  return _evaluate_and_report(config, dataset, loaded.primary(),
+                              None if loaded.is_export else loaded.networks.get('teacher'),
+                              split, loaded.source, out)
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation during training
 
 
-def _validation_subsets(config):
-  which = _eval_field(config, 'val_subsets', 'all')
-  if which == 'all':
-    return ALL_SUBSETS
-  if which == 'full':
-    return (FULL_SUBSET,)
-  raise ValueError(f"config.eval.val_subsets must be 'all' or 'full', got {which!r}")
-
-
-def mean_dice(rows):
+def mean_dice(rows, prefix='dice'):
   """{'dice': mean over regions of the per-region means, 'dice_WT': ..., ...} of CSV rows."""
   out = {}
   for region in metrics_lib.REGIONS:
     values = [r['dice'] for r in rows if r['region'] == region]
-    out[f'dice_{region}'] = float(np.mean(values)) if values else float('nan')
-  out['dice'] = float(np.mean([out[f'dice_{r}'] for r in metrics_lib.REGIONS]))
+    out[f'{prefix}_{region}'] = float(np.mean(values)) if values else float('nan')
+  out[prefix] = float(np.mean([out[f'{prefix}_{r}'] for r in metrics_lib.REGIONS]))
   return out
 
 
@@ -468,30 +384,33 @@ def _dice_rows(case_id, label, outputs):
   return rows
 
 
-def make_validator(config, workdir):
-  """``validate(state, epoch) -> {'dice', 'dice_WT', 'dice_TC', 'dice_ET'}``: the student's mean
-  Dice over the validation cases (centre window) and ``config.eval.val_subsets``."""
-  subsets = _validation_subsets(config)
-  cached = {}
+def make_validator(config, dataset):
+  """``validate(state, epoch) -> {'dice', 'dice_WT', 'dice_TC', 'dice_ET', 'teacher_dice',
+  'teacher_dice_WT', ...}``: the student's mean Dice over ``dataset``'s validation cases
+  (centre window) and ``config.eval.val_subsets`` (the subset vocabulary of
+  ``modalities.parse_subsets``), and the teacher's on the full input. The training loop keeps
+  the checkpoint with the best 'dice' and logs every entry (learning curves)."""
+  subsets = parse_subsets(_eval_field(config, 'val_subsets', 'all'))
+  cases = pipeline.load_eval_cases(dataset, split='val', full_box=False)
 
   def validate(state, epoch):
-    from mstkd_jax.data import pipeline
-    if 'cases' not in cached:
-      cached['cases'] = pipeline.load_eval_cases(config, workdir, split='val', full_box=False,
-                                                 progress=False)
-    cases = cached['cases']
     t0 = time.time()
     inference = get_inference(config)
-    student = inference.place(network_variables(state, 'student'))
-    rows = []
+    student = inference.place(build.network_variables(state, 'student'))
+    teacher = inference.place(build.network_variables(state, 'teacher'))
+    rows, teacher_rows = [], []
     for index in range(jax.process_index(), len(cases), jax.process_count()):
       case = cases[index]
       probs = inference.run(student, masked_copies(case.image, subsets))
       rows += _dice_rows(case.case_id, case.label, dict(zip(subsets, probs)))
+      probs = inference.run(teacher, case.image[None])
+      teacher_rows += _dice_rows(case.case_id, case.label, {FULL: probs[0]})
     result = mean_dice(_gather_rows(rows))
+    result.update(mean_dice(_gather_rows(teacher_rows), prefix='teacher_dice'))
     logging.info('epoch %d validation: student Dice %.4f (WT %.4f, TC %.4f, ET %.4f) over %d '
-                 'cases x %d subsets in %.1f s', epoch, result['dice'], result['dice_WT'],
-                 result['dice_TC'], result['dice_ET'], len(cases), len(subsets),
+                 'cases x %d subsets, teacher %.4f (WT %.4f), in %.1f s', epoch,
+                 result['dice'], result['dice_WT'], result['dice_TC'], result['dice_ET'],
+                 len(cases), len(subsets), result['teacher_dice'], result['teacher_dice_WT'],
                  time.time() - t0)
     return result
 

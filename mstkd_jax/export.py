@@ -23,55 +23,11 @@ from absl import logging
 import jax
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax.subsets import MODALITIES, MODALITY_KEYS
-
-# Fields that must agree between the config a network was trained with and the one it is used
-# with: everything that shapes the parameters or the input the network expects.
-COMPATIBLE_FIELDS = (
-    ('model', None),                   # every model field
-    ('data', 'input_shape'),
-    ('data', 'normalization'),
-    ('data', 'spacing'),
-    ('dtype', None),
-)
-
-
-def _field(config, section, name):
-  node = config.get(section) if hasattr(config, 'get') else None
-  if name is None:
-    return node.to_dict() if hasattr(node, 'to_dict') else node
-  return node.get(name) if node is not None and hasattr(node, 'get') else None
-
-
-def _normalise(value):
-  return json.loads(json.dumps(value, default=str))
-
-
-def check_compatible(config, saved_config, location=''):
-  """Raises ValueError naming every differing field when ``config`` cannot use a network
-  trained with ``saved_config`` (model size, input shape, normalisation, spacing, dtype)."""
-  diffs = []
-  for section, name in COMPATIBLE_FIELDS:
-    a, b = _normalise(_field(config, section, name)), _normalise(_field(saved_config, section,
-                                                                        name))
-    if a == b:
-      continue
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-          diffs.append(f'{section}.{key}: config {a.get(key)!r}, checkpoint {b.get(key)!r}')
-    else:
-      where = f'{section}.{name}' if name else section
-      diffs.append(f'{where}: config {a!r}, checkpoint {b!r}')
-  if diffs:
-    raise ValueError(f'the checkpoint {location} was trained with another config: '
-                     + '; '.join(diffs) + '. Use the config it was trained with (its '
-                     'config.json), or no --config at all where the command allows it.')
-
+from mstkd_jax.data import pipeline
+from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
 
 def preprocessing_settings(config):
   """The preprocessing a new patient needs, as a JSON-ready dict."""
-  from mstkd_jax.data import pipeline
   settings = pipeline.settings(config).as_dict()
   settings.update(channels=list(MODALITIES), channel_keys=list(MODALITY_KEYS),
                   layout=config.data.layout, missing_modality='zero channel')
@@ -87,7 +43,8 @@ def export_student(config, workdir, checkpoint=None, out=None):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: nothing to export')
   manager = ckpt.make_manager(directory, read_only=True)
   step = ckpt.resolve_step(manager, checkpoint)
-  variables = ckpt.load_network(config, workdir, str(step), network='student')
+  manager.close()
+  variables = ckpt.load_networks(config, workdir, str(step), ('student',)).networks['student']
   source = f'{os.path.abspath(workdir)} step {step}'
   ckpt.save_network(out, variables, config, network='student', source=source)
   if jax.process_index() == 0:

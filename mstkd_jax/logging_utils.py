@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import tqdm
 from absl import logging
 
 
@@ -60,21 +61,40 @@ def memory_dict(compiled):
           'generated_code_bytes': int(m.generated_code_size_in_bytes)}
 
 
-class _Progress:
-  """tqdm on a terminal, nothing otherwise (the log lines carry steps/s and ETA)."""
+class Progress:
+  """The one progress display: tqdm on a terminal; elsewhere (SLURM logs, pipes) a log line
+  with the count, elapsed time and ETA about every 10 % or 60 s (``log_lines=False``: none,
+  for loops that log their own lines). ``update(n)`` adds n; ``update_to(done)`` sets it."""
 
-  def __init__(self, total, initial, enabled):
+  def __init__(self, total, desc, unit='case', initial=0, enabled=True, log_lines=True):
+    self.total, self.desc, self.unit = int(total), desc, unit
+    self.done = self._initial = int(initial)
+    self.start = self._last_log = time.time()
+    self.enabled, self.log_lines = enabled, log_lines
     self._bar = None
     if enabled and sys.stderr.isatty():
-      try:
-        from tqdm import tqdm
-        self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
-      except ImportError:
-        pass
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                            dynamic_ncols=True)
 
-  def update(self, step):
+  def update(self, n=1):
+    self.update_to(self.done + n)
+
+  def update_to(self, done):
+    step, self.done = done - self.done, int(done)
     if self._bar is not None:
-      self._bar.update(step - self._bar.n)
+      self._bar.update(step)
+      return
+    if not (self.enabled and self.log_lines):
+      return
+    now = time.time()
+    tenth = max(1, self.total // 10)
+    if self.done == self.total or self.done % tenth == 0 or now - self._last_log > 60:
+      self._last_log = now
+      elapsed = now - self.start
+      rate = (self.done - self._initial) / max(elapsed, 1e-9)
+      eta = (self.total - self.done) / max(rate, 1e-9)
+      logging.info('%s: %d/%d %ss, %.1f s elapsed, ETA %.0f s', self.desc, self.done,
+                   self.total, self.unit, elapsed, eta)
 
   def close(self):
     if self._bar is not None:
@@ -113,7 +133,9 @@ class MetricWriter:
     logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}' for k, v in shown.items()))
 
   def progress(self, total, initial):
-    return _Progress(total, initial, self.enabled)
+    """A step progress bar on terminals (the log lines above carry steps/s and ETA)."""
+    return Progress(total, 'train', unit='step', initial=initial, enabled=self.enabled,
+                    log_lines=False)
 
   def close(self):
     if self._file is not None:

@@ -36,11 +36,6 @@ def dice_loss(p, y):
   return jnp.sum(soft_dice_per_channel(p, y))
 
 
-def segmentation_loss(p_f, p_m, y, missing_weight):
-  """L_dice = (1 - w_m) dice(p_f, y) + w_m dice(p_m, y)."""
-  return (1.0 - missing_weight) * dice_loss(p_f, y) + missing_weight * dice_loss(p_m, y)
-
-
 def extreme_value_loss(attn_f: Sequence[jax.Array], attn_m: Sequence[jax.Array]):
   """L_EVD: extreme-value distillation of the kept attention maps.
 
@@ -170,47 +165,48 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
   enter every distillation term as constants. Returns a dict with 'total' and every term.
   """
   sg = jax.lax.stop_gradient if cfg.stop_gradient_teacher else (lambda t: t)
-  t = {}
-  t['dice_teacher'] = dice_loss(out_f.probs, y)
-  t['dice_student'] = dice_loss(out_m.probs, y)
-  t['dice'] = (1.0 - cfg.missing_weight) * t['dice_teacher'] + cfg.missing_weight * t['dice_student']
+  terms = {}
+  terms['dice_teacher'] = dice_loss(out_f.probs, y)
+  terms['dice_student'] = dice_loss(out_m.probs, y)
+  terms['dice'] = ((1.0 - cfg.missing_weight) * terms['dice_teacher']
+                   + cfg.missing_weight * terms['dice_student'])
   distill = 0.0
 
   if cfg.lambda_mstkd:
-    t['evd'] = extreme_value_loss([sg(a) for a in out_f.attention], out_m.attention)
-    t['mst'] = feature_loss([sg(z) for z in out_f.features], out_m.features)
-    t['mstkd'] = cfg.evd_alpha * t['evd'] + cfg.mst_beta * t['mst']
-    distill += cfg.lambda_mstkd * t['mstkd']
+    terms['evd'] = extreme_value_loss([sg(a) for a in out_f.attention], out_m.attention)
+    terms['mst'] = feature_loss([sg(z) for z in out_f.features], out_m.features)
+    terms['mstkd'] = cfg.evd_alpha * terms['evd'] + cfg.mst_beta * terms['mst']
+    distill += cfg.lambda_mstkd * terms['mstkd']
 
   if cfg.lambda_logit:
     if cfg.agreement_on == 'probabilities':
-      t['agreement'] = agreement_loss(sg(out_f.probs), out_m.probs)
+      terms['agreement'] = agreement_loss(sg(out_f.probs), out_m.probs)
     elif cfg.agreement_on == 'logits':
-      t['agreement'] = agreement_loss(sg(out_f.logits), out_m.logits)
+      terms['agreement'] = agreement_loss(sg(out_f.logits), out_m.logits)
     else:
       raise ValueError(f"loss.agreement_on must be 'probabilities' or 'logits', "
                        f'got {cfg.agreement_on!r}')
-    t['agreement_weight'] = agreement_weight(epoch, cfg.agreement_max_weight,
+    terms['agreement_weight'] = agreement_weight(epoch, cfg.agreement_max_weight,
                                              cfg.agreement_rampup_epochs)
-    t['kl'] = standardized_kl_loss(sg(out_f.logits), out_m.logits, cfg.kl_temperature)
-    t['logit'] = t['agreement_weight'] * t['agreement'] + t['kl']
-    distill += cfg.lambda_logit * t['logit']
+    terms['kl'] = standardized_kl_loss(sg(out_f.logits), out_m.logits, cfg.kl_temperature)
+    terms['logit'] = terms['agreement_weight'] * terms['agreement'] + terms['kl']
+    distill += cfg.lambda_logit * terms['logit']
 
   if cfg.lambda_gsme:
-    t['adv'] = adversarial_loss(d_logits_m)
+    terms['adv'] = adversarial_loss(d_logits_m)
     g_f = [sg(out_f.c3d), sg(out_f.style), sg(out_f.content)]
     g_m = [out_m.c3d, out_m.style, out_m.content]
-    t['style'] = style_matching_loss(g_f, g_m, cfg.style_scale)
-    t['gsme'] = cfg.adv_epsilon * t['adv'] + cfg.style_theta * t['style']
-    distill += cfg.lambda_gsme * t['gsme']
+    terms['style'] = style_matching_loss(g_f, g_m, cfg.style_scale)
+    terms['gsme'] = cfg.adv_epsilon * terms['adv'] + cfg.style_theta * terms['style']
+    distill += cfg.lambda_gsme * terms['gsme']
 
   if cfg.content_weight:
-    t['content'] = content_loss(sg(out_f.content), out_m.content)
-    distill += cfg.content_weight * t['content']
+    terms['content'] = content_loss(sg(out_f.content), out_m.content)
+    distill += cfg.content_weight * terms['content']
 
   scale = distillation_scale(epoch, cfg.get('distill_delay_epochs', 0.0),
                              cfg.get('distill_ramp_epochs', 0.0))
   if cfg.get('distill_delay_epochs', 0.0) or cfg.get('distill_ramp_epochs', 0.0):
-    t['distill_scale'] = scale
-  t['total'] = t['dice'] + scale * distill
-  return t
+    terms['distill_scale'] = scale
+  terms['total'] = terms['dice'] + scale * distill
+  return terms

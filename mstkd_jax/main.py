@@ -15,6 +15,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mstkd_jax import evaluate, export, parallel, run, train
+from mstkd_jax.cli import underscore_flags
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
                                 lock_config=True)
@@ -36,29 +39,23 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from mstkd_jax import parallel
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
                                         FLAGS.process_id)
   config = FLAGS.config
   if FLAGS.mode == 'train':
-    from mstkd_jax import train
     try:
-      train.train_and_evaluate(config, FLAGS.workdir,
+      run.train_and_evaluate(config, FLAGS.workdir,
                                allow_config_change=FLAGS.allow_config_change,
                                max_steps=FLAGS.max_steps)
     except train.TrainingStopped as e:
       logging.error('%s', e)
       sys.exit(3)
   elif FLAGS.mode == 'eval':
-    from mstkd_jax import evaluate
     evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)
   elif FLAGS.mode == 'export':
-    from mstkd_jax import export
     path = export.export_student(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out)
     logging.info('exported the student to %s', path)
 
 
 if __name__ == '__main__':
-  import sys
-  from mstkd_jax.cli import underscore_flags
   app.run(main, argv=underscore_flags(sys.argv))

@@ -34,11 +34,6 @@ BRATS_EMPTY_HD95 = 373.13
 
 # Output channels of the network (SPEC section 1): tumour sub-labels, then background.
 _CHANNEL_NETC, _CHANNEL_SNFH, _CHANNEL_ET = 0, 1, 2
-# Integer label of each sub-region in a segmentation file, per dataset.
-LABEL_SCHEMES = {
-    'brats2024': {'netc': 1, 'snfh': 2, 'et': 3},   # 4 = resection cavity, in no region
-    'fets': {'netc': 1, 'snfh': 2, 'et': 4},        # FeTS 2024 / BraTS 2021
-}
 
 
 def _as_bool_pair(pred_mask, true_mask):
@@ -158,27 +153,14 @@ def region_masks(channels, threshold=0.5, channel_axis=-1):
   return {'WT': netc | snfh | et, 'TC': netc | et, 'ET': et}
 
 
-def regions_from_labels(labels, scheme='brats2024'):
-  """WT / TC / ET boolean masks from an integer label volume (SPEC section 1 table).
-
-  scheme: 'brats2024' (1 NETC, 2 SNFH, 3 ET, 4 resection cavity: no region) or 'fets'
-  (FeTS 2024 / BraTS 2021: 1 NCR, 2 ED, 4 ET).
-  """
-  if scheme not in LABEL_SCHEMES:
-    raise ValueError(f'unknown label scheme {scheme!r}; use one of {tuple(LABEL_SCHEMES)}')
-  ids = LABEL_SCHEMES[scheme]
-  labels = np.asarray(labels)
-  netc, snfh, et = (labels == ids['netc']), (labels == ids['snfh']), (labels == ids['et'])
-  return {'WT': netc | snfh | et, 'TC': netc | et, 'ET': et}
-
-
 def case_metrics(pred_regions, true_regions, spacing=(1.0, 1.0, 1.0), convention='brats',
                  mode='pooled'):
   """Dice and HD95 of each region of one case.
 
   Args:
     pred_regions, true_regions: dicts region -> boolean mask, as from ``region_masks`` or
-      ``regions_from_labels``; must hold 'WT', 'TC' and 'ET'.
+      ``data.layouts.region_masks`` (label files, through the layout's label table); must hold
+      'WT', 'TC' and 'ET'.
   Returns:
     ``{'WT': {'dice': float, 'hd95': float}, 'TC': {...}, 'ET': {...}}``; Dice in [0, 1],
     HD95 in mm.

@@ -46,13 +46,18 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Optional
 
 from absl import logging
 import numpy as np
 
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import evaluate
+from mstkd_jax.data import layouts, pipeline
+from mstkd_jax.logging_utils import Progress
+from mstkd_jax.modalities import LEGACY_KEYS, MODALITY_KEYS, subset_name
+
 # Command-line names of each channel (FLAIR, T1, T1Gd, T2): BraTS 2024 first, then 2021.
-CHANNEL_OPTIONS = (('t2f', 'flair'), ('t1n', 't1'), ('t1c', 't1ce'), ('t2w', 't2'))
+CHANNEL_OPTIONS = tuple(zip(MODALITY_KEYS, LEGACY_KEYS))
 LABEL_CHOICES = ('auto', 'brats2024', 'brats2021')
 
 
@@ -84,13 +89,9 @@ def load_config_file(spec):
 
 
 def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
-  """An exported student or a training workdir's student (``step``: latest, best or N).
-
-  ``config`` (optional) must be compatible with the checkpoint's own (export.check_compatible).
-  """
-  from mstkd_jax import checkpoint as ckpt
-  from mstkd_jax import evaluate
-  from mstkd_jax import export
+  """An exported student or a training workdir's student (``step``: latest, best or N), read
+  by ``checkpoint.load_networks``. ``config`` (optional) must be compatible with the
+  checkpoint's own (``checkpoint.check_compatible``); the checkpoint's own is used."""
   if not os.path.isdir(checkpoint):
     raise PredictionError(f'checkpoint {checkpoint} is not a folder (an exported student or a '
                           'training workdir)')
@@ -99,29 +100,22 @@ def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
   except FileNotFoundError as e:
     raise PredictionError(str(e)) from e
   if config is not None:
-    export.check_compatible(config, saved, checkpoint)
-  use = saved
+    ckpt.check_compatible(config, saved, checkpoint)
+  if ckpt.is_network_export(checkpoint) and step not in (None, 'latest'):
+    raise PredictionError(f'{checkpoint} is an exported network: --step does not apply')
   try:
-    if ckpt.is_network_export(checkpoint):
-      if step not in (None, 'latest'):
-        raise PredictionError(f'{checkpoint} is an exported network: --step does not apply')
-      variables = ckpt.load_network(use, checkpoint)
-      source = f'export {os.path.abspath(checkpoint)}'
-    else:
-      variables = ckpt.load_network(use, checkpoint, step)
-      source = f'{os.path.abspath(checkpoint)} ({step or "latest"})'
+    loaded = ckpt.load_networks(saved, checkpoint, step, names=('student',))
+  except FileNotFoundError as e:
+    raise PredictionError(str(e)) from e
   except (ValueError, KeyError) as e:
-    if isinstance(e, PredictionError):
-      raise
     raise PredictionError(f'cannot load the network from {checkpoint}: its weights do not fit '
                           f'its config.json (a checkpoint from another config?): {e}') from e
-  inference = evaluate.get_inference(use, batch_size)
-  return Model(use, inference.place(variables), inference, source)
+  inference = evaluate.get_inference(saved, batch_size)
+  return Model(saved, inference.place(loaded.primary()), inference, loaded.source)
 
 
 def _layout_from_names(paths):
   """'brats2021' / 'brats2024' when every named file follows one convention, else None."""
-  from mstkd_jax.data import layouts
   votes = set()
   for path in paths:
     stem = (layouts.strip_nifti_suffix(os.path.basename(str(path))) or '').lower()
@@ -135,7 +129,6 @@ def _layout_from_names(paths):
 def resolve_labels(labels, config, paths, option_names=()):
   """The label convention to write: explicit, the config's layout, the file names, the option
   names, else brats2024."""
-  from mstkd_jax.data import layouts
   if labels not in LABEL_CHOICES:
     raise PredictionError(f'--labels must be one of {LABEL_CHOICES}, got {labels!r}')
   if labels != 'auto':
@@ -147,14 +140,13 @@ def resolve_labels(labels, config, paths, option_names=()):
   if by_names:
     return by_names
   names = {str(n).lower() for n in option_names}
-  if names and names <= {'flair', 't1', 't1ce', 't2'}:
+  if names and names <= set(LEGACY_KEYS):
     return 'brats2021'
   return 'brats2024'
 
 
 def probs_to_labels(probs, layout, threshold=0.5):
   """[..., >=3] channel probabilities -> uint8 labels of ``layout`` (innermost region wins)."""
-  from mstkd_jax.data import layouts
   probs = np.asarray(probs)
   netc, snfh, et = (probs[..., c] > threshold for c in range(3))
   codes = np.zeros(probs.shape[:-1], np.uint8)
@@ -188,13 +180,11 @@ def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=Non
                   case_id='patient', option_names=()) -> Prediction:
   """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
   T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset."""
-  from mstkd_jax.data import pipeline
-  from mstkd_jax.data.layouts import BadCaseError
   given = _check_paths(paths)
   layout = resolve_labels(labels, model.config, given.values(), option_names)
   try:
     image, meta = pipeline.preprocess_patient(given, model.config, case_id=case_id)
-  except BadCaseError as e:
+  except layouts.BadCaseError as e:
     raise PredictionError('; '.join(str(p) for p in e.problems)) from e
   except ValueError as e:
     raise PredictionError(str(e)) from e
@@ -210,7 +200,6 @@ def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=Non
 
 def write_prediction(prediction: Prediction, out, save_probabilities=False):
   """Writes the segmentation (and ``<out>_probs.nii.gz``); returns the written paths."""
-  from mstkd_jax.data import pipeline
   pipeline.write_nifti(prediction.labels, prediction.meta, out, dtype=np.uint8)
   written = [out]
   if save_probabilities:
@@ -229,27 +218,24 @@ def probabilities_path(out):
 
 def _case_paths(case):
   """{modality key: path} of the images a discovered case folder has."""
-  from mstkd_jax.data import layouts
   blocking = [p for p in case.problems
               if not p.message.startswith(('missing modality', 'missing label'))]
   if blocking:
     raise PredictionError('; '.join(str(p) for p in blocking))
-  return {key: path for key, path in zip(layouts.CHANNEL_KEYS, case.images) if path}
+  return {key: path for key, path in zip(MODALITY_KEYS, case.images) if path}
 
 
 def predict_folder(model, input_dir, out_dir, labels='auto', save_probabilities=False,
                    **kwargs):
   """Segments every case folder under ``input_dir`` into ``out_dir/<case id>.nii.gz``.
   Returns (written paths, {case id: error message})."""
-  from mstkd_jax.data import layouts
-  from mstkd_jax import evaluate
   try:
     cases = layouts.discover_cases(input_dir, 'auto')
   except layouts.DataError as e:
     raise PredictionError(str(e)) from e
   os.makedirs(out_dir, exist_ok=True)
   written, failed = [], {}
-  bar = evaluate.Progress(len(cases), 'predict')
+  bar = Progress(len(cases), 'predict')
   for case in cases:
     try:
       paths = _case_paths(case)
@@ -332,7 +318,7 @@ def main(argv=None):
     print(f'error: {e}', file=sys.stderr)
     return 2
   counts = {int(v): int(n) for v, n in zip(*np.unique(prediction.labels, return_counts=True))}
-  present = '+'.join(m for m, on in zip(('FLAIR', 'T1', 'T1Gd', 'T2'), prediction.present) if on)
+  present = subset_name(prediction.present)
   print(f'{", ".join(written)}: {prediction.layout} labels {counts} from {present} '
         f'({model.source}, {time.time() - t0:.1f} s)')
   return 0

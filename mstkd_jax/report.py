@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from mstkd_jax.metrics import BRATS_EMPTY_HD95, REGIONS
-from mstkd_jax.subsets import ALL_SUBSETS, parse_subset, subset_name
+from mstkd_jax.modalities import ALL_SUBSETS, parse_subset, subset_name
 
 CSV_COLUMNS = ('case', 'subset', 'region', 'dice', 'hd95')
 TEACHER_SUBSET = 'teacher(all)'

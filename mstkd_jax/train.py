@@ -1,6 +1,8 @@
-"""Training: state set-up, the loop, logging, periodic validation, checkpoints, resume.
+"""Training: state set-up, the compiled step, the loop, logging, checkpoints, resume.
 
-``train_and_evaluate(config, workdir)`` is what ``python -m mstkd_jax.main --mode=train`` runs.
+``train_loop(config, workdir, train_iter, steps_per_epoch, validate=...)`` trains; the face that
+wires a run (``mstkd_jax.run.train_and_evaluate``, what ``python -m mstkd_jax.main`` runs)
+gives it the data and the validator (a callback: training imports nothing from evaluation).
 Resume order: the workdir's latest checkpoint, else a fresh start. Re-running the same
 command with the same workdir continues exactly where it stopped (state, data order), and
 refuses when the workdir was trained with a different config (``allow_config_change``).
@@ -28,6 +30,7 @@ from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import host_memory
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
+from mstkd_jax.models import build
 from mstkd_jax.logging_utils import MetricWriter, describe_memory
 
 
@@ -55,7 +58,7 @@ def state_shardings(config, mesh, abstract_state):
   return parallel.state_shardings(abstract_state, mesh, shard=shard)
 
 
-def create_state(config, mesh, spe, shardings=None):
+def create_state(config, mesh, steps_per_epoch, shardings=None):
   """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
 
   One process: initialised by one program whose outputs already have ``shardings`` (no host
@@ -64,9 +67,9 @@ def create_state(config, mesh, spe, shardings=None):
   computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
   jax.random's values do not depend on how an array is sharded, so both give the same state.
   """
-  init = functools.partial(step_lib.init_state, config, spe=spe)
+  init = functools.partial(build.init_state, config, steps_per_epoch=steps_per_epoch)
   if shardings is None:
-    shardings = state_shardings(config, mesh, step_lib.abstract_state(config, spe))
+    shardings = state_shardings(config, mesh, build.abstract_state(config, steps_per_epoch))
   if jax.process_count() == 1:
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
@@ -74,19 +77,20 @@ def create_state(config, mesh, spe, shardings=None):
 
 
 def batch_struct(config, global_batch_size, mesh):
-  shape = step_lib.input_shape(config, global_batch_size)
+  shape = build.input_shape(config, global_batch_size)
   label_shape = shape[:-1] + (config.model.num_classes,)
   sharding = parallel.batch_sharding(mesh)
   return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
           'label': jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=sharding)}
 
 
-# Compiled steps of this process, by (config, devices, spe, batch, shardings): a second
-# train_loop in the same process (tests, notebooks) does not compile again.
+# Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
+# second train_loop in the same process (tests, notebooks) does not compile again.
 _COMPILED = {}
 
 
-def compile_train_step(config, mesh, spe, abstract_state, global_batch_size, shardings=None):
+def compile_train_step(config, mesh, steps_per_epoch, abstract_state, global_batch_size,
+                       shardings=None):
   """Lowers and compiles the training step ahead of time for these shapes and shardings.
 
   The state is donated; the batch is sharded over ``data``; the key and the metrics are
@@ -96,11 +100,12 @@ def compile_train_step(config, mesh, spe, abstract_state, global_batch_size, sha
   if shardings is None:
     shardings = state_shardings(config, mesh, abstract_state)
   key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
-         int(spe), int(global_batch_size), repr(jax.tree.leaves(shardings)))
+         int(steps_per_epoch), int(global_batch_size), repr(jax.tree.leaves(shardings)))
   if key in _COMPILED:
     return _COMPILED[key]
   rep = parallel.replicated(mesh)
-  fn = jax.jit(functools.partial(step_lib.train_step, config=config, spe=spe),
+  fn = jax.jit(functools.partial(step_lib.train_step, config=config,
+                                 steps_per_epoch=steps_per_epoch),
                in_shardings=(shardings, parallel.batch_sharding(mesh), rep),
                out_shardings=(shardings, rep), donate_argnums=(0,))
   state_struct = ckpt.abstract_like(abstract_state, shardings)
@@ -217,10 +222,11 @@ def _summarise(metrics):
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
+def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
                validate: Optional[Callable] = None, allow_config_change=False,
                max_steps: Optional[int] = None, mesh=None):
-  """Runs training from ``train_iter`` until ``epochs * spe`` steps (or ``max_steps``).
+  """Runs training from ``train_iter`` until ``epochs * steps_per_epoch`` steps (or
+  ``max_steps``).
 
   ``train_iter`` yields {'image', 'label'} NumPy batches of this process's share of the global
   batch (``batch_size_per_device x local devices``); with ``get_state`` / ``set_state`` its
@@ -228,15 +234,15 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
   ``eval_every_epochs`` epochs; its 'dice' entry chooses the best checkpoint. Every process
   runs this function. Returns the final state.
   """
-  t = config.train
+  train_cfg = config.train
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  global_bs = t.batch_size_per_device * mesh.size
-  total_steps = int(t.epochs * spe)
+  global_bs = train_cfg.batch_size_per_device * mesh.size
+  total_steps = int(train_cfg.epochs * steps_per_epoch)
   if max_steps is not None:
     total_steps = min(total_steps, int(max_steps))
 
-  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
+  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints)
   resuming = manager.latest_step() is not None
   if resuming:
     check_workdir_config(config, workdir, allow_config_change)
@@ -247,7 +253,7 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  abstract = step_lib.abstract_state(config, spe)
+  abstract = build.abstract_state(config, steps_per_epoch)
   shardings = state_shardings(config, mesh, abstract)
   best_dice = -math.inf
   if resuming:
@@ -261,15 +267,19 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
       best_dice = float(meta['best_dice'])
     logging.info('resumed from %s at step %d', manager.directory, start)
   else:
-    state = create_state(config, mesh, spe, shardings)
+    logging.info('building the networks and initialising the train state (compiles the '
+                 'initialisation once: tens of seconds on a CPU)')
+    state = create_state(config, mesh, steps_per_epoch, shardings)
     logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
-                 step_lib.count_params(state.params['teacher']),
-                 step_lib.count_params(state.params['student']),
-                 step_lib.count_params(state.disc_params))
+                 build.count_params(state.params['teacher']),
+                 build.count_params(state.params['student']),
+                 build.count_params(state.disc_params))
 
   host_memory.trim()
+  logging.info('compiling the training step (teacher, student, every loss, discriminator; '
+               'about a minute on a CPU, once per run)')
   t0 = time.time()
-  compiled = compile_train_step(config, mesh, spe, abstract, global_bs, shardings)
+  compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
   host_memory.trim()
   logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
                time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
@@ -288,8 +298,8 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
 
   def save(data_state, val_dice=None, force=False):
     nonlocal last_saved
-    ckpt.save(manager, step, state, data_state, meta(step // spe), val_dice=val_dice,
-              force=force)
+    ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
+              val_dice=val_dice, force=force)
     last_saved = step
 
   def fetch():
@@ -310,18 +320,18 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
         finite = bool(metrics['finite'])
         if not finite:
           bad = sorted(k for k, v in _summarise(metrics).items() if not math.isfinite(v))
-          if t.nan_policy != 'skip':
+          if train_cfg.nan_policy != 'skip':
             manager.wait_until_finished()
             last = manager.latest_step()
             where = (f'the last good checkpoint is step {last} in {manager.directory}'
                      if last is not None else 'no checkpoint was saved yet')
             raise TrainingStopped(
-                f'non-finite loss at step {step} (epoch {(step - 1) // spe}): '
+                f'non-finite loss at step {step} (epoch {(step - 1) // steps_per_epoch}): '
                 f'{", ".join(bad)} are NaN/Inf; {where}. Re-running resumes from it; '
                 "train.nan_policy='skip' skips such updates instead.")
           logging.warning('step %d: non-finite %s; update skipped', step, ', '.join(bad))
 
-        if step % t.log_every == 0 or step == total_steps or step == first_step + 1:
+        if step % train_cfg.log_every == 0 or step == total_steps or step == first_step + 1:
           values = _summarise(metrics)
           now = time.time()
           steps_per_s = (step - last_step_logged) / max(now - last_time, 1e-9)
@@ -329,16 +339,16 @@ def train_loop(config, workdir, train_iter: Iterator, spe: int, *,
           values.update(steps_per_s=steps_per_s, volumes_per_s=steps_per_s * global_bs,
                         eta_s=(total_steps - step) / max(steps_per_s, 1e-9))
           writer.write(step, values)
-        progress.update(step)
+        progress.update_to(step)
 
-        epoch = step // spe
-        if validate is not None and step % spe == 0 and (
-            epoch % t.eval_every_epochs == 0 or step == total_steps):
+        epoch = step // steps_per_epoch
+        if validate is not None and step % steps_per_epoch == 0 and (
+            epoch % train_cfg.eval_every_epochs == 0 or step == total_steps):
           result = validate(state, epoch)
           writer.write(step, {f'val_{k}': v for k, v in result.items()})
           best_dice = max(best_dice, float(result['dice']))
           save(data_state, val_dice=result['dice'])
-        elif step % t.checkpoint_every == 0:
+        elif step % train_cfg.checkpoint_every == 0:
           save(data_state)
 
         if parallel.any_process(stop.signal is not None):
@@ -373,7 +383,7 @@ class RandomBatches:
     if global_batch_size % process_count:
       raise ValueError(f'global batch {global_batch_size} is not divisible by '
                        f'{process_count} processes')
-    self.shape = step_lib.input_shape(config, global_batch_size)
+    self.shape = build.input_shape(config, global_batch_size)
     self.num_classes = config.model.num_classes
     self.seed = seed
     self.local = global_batch_size // process_count
@@ -415,45 +425,3 @@ class RandomBatches:
 def random_batches(config, batch_size, seed=0):
   """Endless random {'image', 'label'} batches (benchmarks, smoke tests)."""
   return RandomBatches(config, batch_size, seed)
-
-
-def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=None):
-  """Trains on ``config.data`` (synthetic cases when no root is given), validating every
-  ``eval_every_epochs`` epochs, then evaluates the 15 modality subsets on the test split."""
-  os.makedirs(workdir, exist_ok=True)
-  # Refuse a workdir of another config before any data work (train_loop checks again).
-  if ckpt.make_manager(os.path.join(workdir, 'checkpoints'),
-                       read_only=True).latest_step() is not None:
-    check_workdir_config(config, workdir, allow_config_change)
-
-  from mstkd_jax.data import pipeline
-  from mstkd_jax import evaluate
-  if parallel.is_main_process():
-    # Process 0 writes synthetic cases, the split and the preprocessing cache; the others
-    # wait, then find them in place (on a shared filesystem).
-    logging.info('data: %s', pipeline.resolve_root(config, workdir))
-    pipeline.prepare(config, workdir)
-  parallel.sync('mstkd_data_prepared')
-  split = pipeline.make_split(config, workdir)
-  per_process_batch = config.train.batch_size_per_device * jax.local_device_count()
-  train_iter = pipeline.make_train_loader(
-      config, workdir, batch_size=per_process_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  num_train = len(split['train']) - len(getattr(train_iter, 'skipped_cases', []) or [])
-  spe = step_lib.steps_per_epoch(config, num_train)
-  logging.info('%d training cases, %d steps per epoch, %d epochs', num_train, spe,
-               config.train.epochs)
-  validate = evaluate.make_validator(config, workdir) if split['val'] else None
-  try:
-    state = train_loop(config, workdir, train_iter, spe, validate=validate,
-                       allow_config_change=allow_config_change, max_steps=max_steps)
-  finally:
-    close = getattr(train_iter, 'close', None)
-    if close is not None:
-      close()
-  if split['test']:
-    evaluate.evaluate_state(config, workdir, state, split='test')
-  if config.eval.get('figure', False) and jax.process_index() == 0:
-    from mstkd_jax import visualize
-    visualize.figure_after_training(config, workdir, state)
-  return state

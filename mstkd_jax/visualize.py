@@ -17,34 +17,40 @@ ET red. Each prediction panel is titled with the subset and that case's Dice of 
 """
 
 import argparse
+import json
 import os
 import sys
 
 from absl import logging
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+import nibabel as nib
 import numpy as np
 
+from mstkd_jax import evaluate
 from mstkd_jax import metrics as metrics_lib
-from mstkd_jax.subsets import parse_subset, subset_name
+from mstkd_jax import predict
+from mstkd_jax.data import layouts, pipeline, preprocess
+from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS, masked_copies, parse_subset, subset_name
+from mstkd_jax.models import build
 
 FIGURE_SUBSETS = tuple(parse_subset(s) for s in ('1111', '1011', '1010', '1000'))
 # RGBA of the visible part of each region: WT-only (oedema), TC-only (core), ET.
 COLOURS = {'WT': (0.10, 0.80, 0.20, 0.55), 'TC': (1.00, 0.85, 0.00, 0.70),
            'ET': (0.90, 0.05, 0.05, 0.80)}
-MODALITY_TITLES = ('FLAIR', 'T1', 'T1Gd', 'T2')
 
 
 def load_case(case_dir, config):
   """(image box [bx,by,bz,4], label codes box or None, meta, case id) of a case folder."""
-  from mstkd_jax.data import layouts, pipeline, preprocess
   case = layouts.describe_case(os.path.abspath(case_dir), 'auto')
-  paths = {key: p for key, p in zip(layouts.CHANNEL_KEYS, case.images) if p}
+  paths = {key: p for key, p in zip(MODALITY_KEYS, case.images) if p}
   if not paths:
     raise ValueError(f'{case_dir}: no modality file found '
                      f'({"; ".join(str(p) for p in case.problems)})')
   image, meta = pipeline.preprocess_patient(paths, config, case_id=case.case_id)
   codes = None
   if case.seg:
-    import nibabel as nib
     seg = np.asanyarray(nib.load(case.seg).dataobj)
     if seg.shape != tuple(meta['original_shape']):
       raise ValueError(f'{case.seg}: shape {seg.shape} differs from the images '
@@ -54,7 +60,6 @@ def load_case(case_dir, config):
 
 
 def _regions_from_codes(codes):
-  from mstkd_jax.data import layouts
   return layouts.region_masks(codes)
 
 
@@ -76,10 +81,7 @@ def _overlay(regions, z):
 def draw(image, truth, predictions, out, title=None, z=None):
   """Writes the figure. image [bx,by,bz,4]; truth: region dict or None; predictions:
   {subset: region dict}. Returns the slice drawn."""
-  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  from matplotlib.patches import Patch
 
   full = predictions[FIGURE_SUBSETS[0]] if FIGURE_SUBSETS[0] in predictions else \
       next(iter(predictions.values()))
@@ -93,7 +95,7 @@ def draw(image, truth, predictions, out, title=None, z=None):
   for c in range(4):
     ax = axes[0, c]
     ax.imshow(show(image[:, :, z, c]), cmap='gray', interpolation='nearest')
-    ax.set_title(MODALITY_TITLES[c] + ('' if image[..., c].any() else ' (absent)'))
+    ax.set_title(MODALITIES[c] + ('' if image[..., c].any() else ' (absent)'))
   ax = axes[0, 4]
   ax.imshow(show(background), cmap='gray', interpolation='nearest')
   if truth is not None:
@@ -133,30 +135,65 @@ def draw(image, truth, predictions, out, title=None, z=None):
 
 def figure_for_case(config, variables, case_dir, out, inference=None, z=None, title=None):
   """Runs the student on the four subsets of ``FIGURE_SUBSETS`` and draws the figure."""
-  from mstkd_jax import evaluate
   image, codes, _, case_id = load_case(case_dir, config)
   inference = inference or evaluate.get_inference(config)
   variables = inference.place(variables)
-  probs = inference.predict(variables, evaluate.masked_copies(image, FIGURE_SUBSETS))
+  probs = inference.predict(variables, masked_copies(image, FIGURE_SUBSETS))
   predictions = {s: metrics_lib.region_masks(p) for s, p in zip(FIGURE_SUBSETS, probs)}
   truth = _regions_from_codes(codes) if codes is not None else None
   z = draw(image, truth, predictions, out, title=title or case_id, z=z)
   return out
 
 
-def figure_after_training(config, workdir, state, out=None):
+def figure_after_training(config, dataset, state, out=None):
   """The figure for the first test case of a training run (``config.eval.figure``)."""
-  from mstkd_jax import evaluate
-  from mstkd_jax.data import pipeline
-  split = pipeline.make_split(config, workdir)
+  split = dataset.split
   ids = sorted(split['test']) or sorted(split['val']) or sorted(split['train'])
-  cases = {c.case_id: c for c in pipeline.discover(config, workdir)}
-  case = cases[ids[0]]
-  out = out or os.path.join(workdir, 'figure.png')
-  figure_for_case(config, evaluate.network_variables(state, 'student'), case.folder, out,
+  case = {c.case_id: c for c in dataset.cases}[ids[0]]
+  out = out or os.path.join(dataset.workdir, 'figure.png')
+  figure_for_case(config, build.network_variables(state, 'student'), case.folder, out,
                   title=f'{case.case_id} (test case), student at step {int(state.step)}')
   logging.info('figure written to %s', out)
   print(f'Figure: {out}', flush=True)
+  return out
+
+
+CURVES = (('val_dice', 'student, 15 subsets', '-'), ('val_teacher_dice', 'teacher, all four',
+                                                      '--'))
+
+
+def learning_curves(workdir, out=None):
+  """``<workdir>/curves.png``: the training loss and the validation Dice of student and
+  teacher against the step, from ``metrics.jsonl`` (None when it holds no step yet)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip().endswith('}')]
+  records = [r for r in records if not r.get('replayed')]
+  if not records:
+    return None
+  matplotlib.use('Agg')
+  fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+  steps = [r['step'] for r in records if 'total' in r]
+  ax_loss.plot(steps, [r['total'] for r in records if 'total' in r], label='total loss')
+  ax_loss.plot(steps, [r.get('dice', float('nan')) for r in records if 'total' in r],
+               label='Dice loss (teacher + student)')
+  ax_loss.set_xlabel('step')
+  ax_loss.set_yscale('log')
+  ax_loss.legend()
+  for key, label, style in CURVES:
+    points = [(r['step'], r[key]) for r in records if key in r]
+    if points:
+      ax_dice.plot(*zip(*points), style, marker='o', label=label)
+  ax_dice.set_xlabel('step')
+  ax_dice.set_ylabel('validation Dice (mean of WT, TC, ET)')
+  ax_dice.set_ylim(0, 1)
+  ax_dice.legend()
+  fig.tight_layout()
+  out = out or os.path.join(workdir, 'curves.png')
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
   return out
 
 
@@ -170,7 +207,6 @@ def main(argv=None):
   p.add_argument('--out', required=True, help='output image (.png, .pdf, ...)')
   p.add_argument('--slice', type=int, default=None, help='axial slice (default: most tumour)')
   args = p.parse_args(argv)
-  from mstkd_jax import predict
   logging.set_verbosity(logging.WARNING)
   try:
     model = predict.load_model(args.checkpoint, args.step)

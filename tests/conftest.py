@@ -44,6 +44,6 @@ def tiny_batch(tiny_config):
 def tiny_state(tiny_config):
   """The tiny config's initial TrainState (read-only: tests must not donate it)."""
   import jax
-  from mstkd_jax import step as step_lib
-  init = jax.jit(functools.partial(step_lib.init_state, tiny_config, spe=10))
+  from mstkd_jax.models import build
+  init = jax.jit(functools.partial(build.init_state, tiny_config, steps_per_epoch=10))
   return init(jax.random.key(0))

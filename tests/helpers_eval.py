@@ -1,7 +1,7 @@
 """One short training run shared by the evaluation, export and prediction tests.
 
 ``trained_run(tmp_path_factory)`` trains :tiny for 2 steps on 4 synthetic cases with
-``train.train_and_evaluate`` (validation at the end, the test split evaluated), once per test
+``run.train_and_evaluate`` (validation at the end, the test split evaluated), once per test
 session, and returns a ``Run`` (config, workdir, final state). The evaluation forward pass is
 cached per config in ``evaluate``, so every test reuses one compilation.
 """
@@ -33,10 +33,10 @@ def tiny_eval_config():
 
 def trained_run(tmp_path_factory) -> Run:
   if 'run' not in _RUNS:
-    from mstkd_jax import train
+    from mstkd_jax import run
     config = tiny_eval_config()
     workdir = str(tmp_path_factory.mktemp('trained_tiny'))
-    state = train.train_and_evaluate(config, workdir, max_steps=2)
+    state = run.train_and_evaluate(config, workdir, max_steps=2)
     _RUNS['run'] = Run(config, workdir, state)
   return _RUNS['run']
 

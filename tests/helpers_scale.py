@@ -243,21 +243,22 @@ def worst_leaves(a, b, count=3):
 def scenario_devices(args):
   import jax
   import numpy as np
-  from mstkd_jax import parallel, step as step_lib, train
+  from mstkd_jax import parallel, train
+  from mstkd_jax.models import build
 
   global_bs = 4
-  spe = 4
+  steps_per_epoch = 4
   opts = dict(checkpoint_every=100, log_every=1, epochs=10)
   report = {'device_count': jax.device_count(), 'runs': {}}
   reference = None
   for n, shard in [(1, False), (2, False), (4, False)] + ([(4, True)] if args.shard else []):
     config = tiny_config(batch_size_per_device=global_bs // n, shard_state=shard, **opts)
     mesh = parallel.make_mesh(jax.devices()[:n])
-    abstract = step_lib.abstract_state(config, spe)
+    abstract = build.abstract_state(config, steps_per_epoch)
     t0 = time.time()
-    compiled = train.compile_train_step(config, mesh, spe, abstract, global_bs)
+    compiled = train.compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs)
     compile_s = time.time() - t0
-    state = train.create_state(config, mesh, spe)
+    state = train.create_state(config, mesh, steps_per_epoch)
     batch = parallel.global_batch(train.RandomBatches(config, global_bs, seed=0).batch(0), mesh)
     rng = parallel.replicated_key(7, mesh)
     state, metrics = compiled(state, batch, rng)
@@ -287,7 +288,7 @@ def scenario_devices(args):
   config = tiny_config(batch_size_per_device=global_bs // 2, shard_state=False, **opts)
   workdir = os.path.join(args.out, 'reference')
   it = train.RandomBatches(config, global_bs, seed=1)
-  state = train.train_loop(config, workdir, it, spe=spe, max_steps=3,
+  state = train.train_loop(config, workdir, it, steps_per_epoch=steps_per_epoch, max_steps=3,
                            mesh=parallel.make_mesh(jax.devices()[:2]))
   np.savez(os.path.join(args.out, 'reference.npz'), **state_arrays(state))
   report['reference_served'] = it.served
@@ -326,7 +327,7 @@ def run_train(workdir, steps, train_opts, nan_at=None, seed=1, dump=None):
                            process_count=jax.process_count(), nan_at=nan_at)
   message, state = None, None
   try:
-    state = train.train_loop(config, workdir, it, spe=4, max_steps=steps)
+    state = train.train_loop(config, workdir, it, steps_per_epoch=4, max_steps=steps)
   except train.TrainingStopped as e:
     message = str(e)
   if dump:
@@ -389,7 +390,8 @@ def scenario_precision(args):
   """One step of :tiny from the same state and batch with f32, f32 + remat, bf16 + remat."""
   import jax
   import numpy as np
-  from mstkd_jax import parallel, step as step_lib, train
+  from mstkd_jax import parallel, train
+  from mstkd_jax.models import build
 
   mesh = parallel.make_mesh()
   opts = dict(checkpoint_every=2, log_every=1, epochs=10)   # as the resume runs: same step
@@ -398,7 +400,7 @@ def scenario_precision(args):
                              ('bf16_remat', 'bfloat16', True)]:
     config = tiny_config(**opts)
     config.dtype, config.remat = dtype, remat
-    abstract = step_lib.abstract_state(config, 4)
+    abstract = build.abstract_state(config, 4)
     t0 = time.time()
     compiled = train.compile_train_step(config, mesh, 4, abstract, 1)
     compile_s = time.time() - t0

@@ -3,6 +3,7 @@ torch is installed) numerical agreement of every layer type with torch.nn's own 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs.brats import get_config
+from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import convert_torch as ct
+from mstkd_jax.models import build
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_TSV = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'reference',
@@ -50,7 +53,7 @@ def _flat(tree):
 @pytest.fixture(scope='module')
 def tiny():
   config = get_config('tiny')
-  abstract = ct.abstract_network_variables(config)
+  abstract = build.network_struct(config)
   return config, abstract, _random_variables(abstract, seed=1)
 
 
@@ -59,7 +62,7 @@ def tiny():
 def test_full_size_mapping_matches_reference_names_and_our_tree():
   reference = _reference_shapes()
   assert len(reference) == 454
-  abstract = ct.abstract_network_variables(get_config())
+  abstract = build.network_struct(get_config())
   # The rules give exactly the reference names and shapes (a bijection onto the state_dict).
   assert ct.expected_torch_shapes(abstract) == reference
   names = ct.name_map(abstract)
@@ -162,7 +165,7 @@ def test_export_round_trip_and_refusal_with_another_config(tiny, tmp_path):
     assert json.load(f)['model']['embed_dim'] == config.model.embed_dim
 
   for cfg in (config, None):  # None: the export's own config.json
-    restored = ct.load_network_variables(out, cfg)
+    restored = ckpt.load_networks(cfg, out).primary()
     flat = _flat(restored)
     assert flat.keys() == _flat(abstract).keys()
     for k, v in _flat(variables).items():
@@ -171,8 +174,19 @@ def test_export_round_trip_and_refusal_with_another_config(tiny, tmp_path):
 
   other = get_config('tiny')
   other.model.mlp_dim = 48
-  with pytest.raises(ct.StateDictMismatchError, match='w_1/kernel'):
-    ct.load_network_variables(out, other)
+  # Another config than the export's: refused, naming the field.
+  with pytest.raises(ValueError, match='model.mlp_dim'):
+    ckpt.load_networks(other, out)
+  # Weights that do not fit the export's own config.json: every difference listed.
+  edited = tmp_path / 'edited'
+  shutil.copytree(out, edited)
+  with open(edited / 'config.json') as f:
+    saved = json.load(f)
+  saved['model']['mlp_dim'] = 48
+  with open(edited / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(ckpt.NetworkMismatchError, match='w_1/kernel'):
+    ckpt.load_networks(None, str(edited))
   with pytest.raises(FileExistsError):
     ct.convert(src, config, out)
   ct.convert(src, config, out, overwrite=True)
@@ -199,7 +213,7 @@ def test_training_checkpoint_npz_and_command_line(tiny, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / 'manifest.json') as f:
     assert json.load(f)['network'] == 'teacher'
-  restored = ct.load_network_variables(out, config)
+  restored = ckpt.load_networks(config, str(out)).networks['teacher']
   np.testing.assert_array_equal(np.asarray(restored['params']['conv1a']['bias']),
                                 teacher['params']['conv1a']['bias'])
   np.testing.assert_array_equal(
@@ -600,7 +614,7 @@ def test_whole_tiny_network_matches_a_torch_implementation():
       elif name.endswith('running_var'):
         b.copy_(torch.rand_like(b) + 0.5)
   sd = {n: v.detach().numpy().copy() for n, v in theirs.state_dict().items()}
-  variables = ct.from_torch_state_dict(sd, ct.abstract_network_variables(config))
+  variables = ct.from_torch_state_dict(sd, build.network_struct(config))
   # Our export loads into a fresh torch network with strict name checking.
   _torch_network(torch, config).load_state_dict(
       {n: torch.from_numpy(v) for n, v in ct.to_torch_state_dict(variables).items()},

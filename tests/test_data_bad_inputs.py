@@ -211,11 +211,12 @@ def test_on_bad_case_error_and_skip(root, tmp_path):
   os.remove(_file(root, 't2'))
   cfg = _config(root, split_file=str(split_path), on_bad_case='error')
   with pytest.raises(layouts.BadCaseError, match=f'{CID}: {CID}_t2.nii.gz: missing'):
-    pipeline.make_train_loader(cfg, str(tmp_path / 'wd1'), 1, seed=0, worker_count=0,
-                               progress=False)
+    pipeline.make_train_loader(pipeline.prepare(cfg, str(tmp_path / 'wd1'), progress=False),
+                               1, seed=0, worker_count=0)
   cfg = _config(root, split_file=str(split_path), on_bad_case='skip')
   wd = tmp_path / 'wd2'
-  loader = pipeline.make_train_loader(cfg, str(wd), 1, seed=0, worker_count=0, progress=False)
+  loader = pipeline.make_train_loader(pipeline.prepare(cfg, str(wd), progress=False), 1,
+                                      seed=0, worker_count=0)
   assert loader.case_ids == ['BraTS2021_00001']
   assert loader.skipped_cases == [CID]
   report = json.loads((wd / 'bad_cases.json').read_text())
@@ -224,7 +225,8 @@ def test_on_bad_case_error_and_skip(root, tmp_path):
   loader.close()
   # A case fixed later is used again (no failure is cached).
   shutil.copy(_file(root, 'flair'), _file(root, 't2'))
-  loader = pipeline.make_train_loader(cfg, str(wd), 1, seed=0, worker_count=0, progress=False)
+  loader = pipeline.make_train_loader(pipeline.prepare(cfg, str(wd), progress=False), 1,
+                                      seed=0, worker_count=0)
   assert loader.case_ids == [CID, 'BraTS2021_00001'] and not loader.skipped_cases
   with pytest.raises(ValueError, match="'error' or 'skip'"):
     pipeline.prepare(_config(root, on_bad_case='ignore'), str(wd))

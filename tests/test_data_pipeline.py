@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import brats
+from mstkd_jax import optim
 from mstkd_jax.data import augment
 from mstkd_jax.data import layouts
 from mstkd_jax.data import pipeline
@@ -37,7 +38,8 @@ def _take(loader, n):
 def _loader(setup, seed=0, **kw):
   cfg, workdir = setup
   kw.setdefault('worker_count', 0)
-  return pipeline.make_train_loader(cfg, workdir, BATCH, seed=seed, progress=False, **kw)
+  return pipeline.make_train_loader(pipeline.prepare(cfg, workdir, progress=False), BATCH,
+                                    seed=seed, **kw)
 
 
 def test_batches_have_the_contracted_form(setup):
@@ -53,7 +55,7 @@ def test_batches_have_the_contracted_form(setup):
   np.testing.assert_array_equal(label.sum(-1), 1)           # one channel per voxel
   np.testing.assert_array_equal(label[..., 3], 1 - label[..., :3].max(-1))
   assert np.isfinite(batch['image']).all()
-  assert loader.steps_per_epoch == 3 // BATCH == 1
+  assert optim.steps_per_epoch(cfg, len(loader.case_ids), BATCH) == 3 // BATCH == 1
   assert len(loader.case_ids) == 3
   loader.close()
 
@@ -103,8 +105,9 @@ def test_state_save_and_restore(setup):
 
 def test_sharding_by_process(setup):
   cfg, workdir = setup
-  parts = [pipeline.make_train_loader(cfg, workdir, 1, seed=0, process_index=i,
-                                      process_count=2, worker_count=0, progress=False)
+  dataset = pipeline.prepare(cfg, workdir, progress=False)
+  parts = [pipeline.make_train_loader(dataset, 1, seed=0, process_index=i,
+                                      process_count=2, worker_count=0)
            for i in range(2)]
   ids = [p.case_ids for p in parts]
   assert not set(ids[0]) & set(ids[1])
@@ -172,11 +175,12 @@ def test_rotation_keeps_labels_consistent():
 
 def test_eval_cases_fixed_order_and_restorable(setup):
   cfg, workdir = setup
-  split = pipeline.make_split(cfg, workdir)
-  cases = pipeline.load_eval_cases(cfg, workdir, 'test')
+  dataset = pipeline.prepare(cfg, workdir, progress=False)
+  split = dataset.split
+  cases = pipeline.load_eval_cases(dataset, 'test')
   assert cases.case_ids == sorted(split['test'])
   ids = [c.case_id for c in cases]
-  assert ids == [c.case_id for c in pipeline.load_eval_cases(cfg, workdir, 'test')]
+  assert ids == [c.case_id for c in pipeline.load_eval_cases(dataset, 'test')]
   case = cases[0]
   assert case.image.shape == tuple(cfg.data.input_shape) + (4,)
   assert case.label.shape == tuple(cfg.data.input_shape) + (4,)
@@ -184,7 +188,7 @@ def test_eval_cases_fixed_order_and_restorable(setup):
   assert case.spacing == (1.0, 1.0, 1.0)
   np.testing.assert_array_equal(case.label, layouts.codes_to_onehot(case.codes))
   # Writing a prediction back: the label itself lands where it came from.
-  source = {c.case_id: c for c in pipeline.discover(cfg, workdir)}[case.case_id]
+  source = {c.case_id: c for c in dataset.cases}[case.case_id]
   raw = preprocess.read_case(source)
   back = pipeline.restore_geometry(case.codes, case.meta)
   window = tuple(slice(max(s, 0), s + n) for s, n in zip(case.meta['box_start'],
@@ -192,10 +196,10 @@ def test_eval_cases_fixed_order_and_restorable(setup):
   np.testing.assert_array_equal(back[window], raw.codes[window])
   assert back.shape == raw.codes.shape
   # The whole box, for sliding windows, holds every tumour voxel.
-  full = pipeline.load_eval_cases(cfg, workdir, 'test', full_box=True)[0]
+  full = pipeline.load_eval_cases(dataset, 'test', full_box=True)[0]
   assert all(b >= t for b, t in zip(full.image.shape[:3], cfg.data.input_shape))
   np.testing.assert_array_equal(pipeline.restore_geometry(full.codes, full.meta), raw.codes)
-  assert len(pipeline.load_eval_cases(cfg, workdir, 'val')) == 1
+  assert len(pipeline.load_eval_cases(dataset, 'val')) == 1
   out = os.path.join(workdir, 'pred.nii.gz')
   pipeline.write_nifti(back, case.meta, out, dtype=np.uint8)
   assert os.path.exists(out)

@@ -74,9 +74,9 @@ def test_pipeline_on_real_cases(cases, tmp_path):
   split = tmp_path / 'split.json'
   split.write_text('{"train": ["%s"], "val": [], "test": ["%s"]}' % tuple(ids))
   cfg.data.split_file = str(split)
-  workdir = str(tmp_path)
-  full = pipeline.load_eval_cases(cfg, workdir, 'test', full_box=True)[0]
-  case = pipeline.load_eval_cases(cfg, workdir, 'test')[0]
+  dataset = pipeline.prepare(cfg, str(tmp_path), progress=False)
+  full = pipeline.load_eval_cases(dataset, 'test', full_box=True)[0]
+  case = pipeline.load_eval_cases(dataset, 'test')[0]
   assert case.case_id == ids[1] and case.image.shape == (160, 192, 128, 4)
   assert case.spacing == (1.0, 1.0, 1.0)
   assert 0.0 <= case.image.min() and case.image.max() <= 1.0
@@ -87,7 +87,7 @@ def test_pipeline_on_real_cases(cases, tmp_path):
   regions = layouts.region_masks(full.codes)
   assert tuple(int(regions[r].sum()) for r in layouts.REGIONS) == EXPECTED[ids[1]]
   # One training batch.
-  loader = pipeline.make_train_loader(cfg, workdir, 1, seed=0, worker_count=0, progress=False)
+  loader = pipeline.make_train_loader(dataset, 1, seed=0, worker_count=0)
   batch = next(loader)
   assert batch['image'].shape == (1, 160, 192, 128, 4)
   assert batch['label'][..., :3].sum() > 0

@@ -10,7 +10,9 @@ import pytest
 
 from mstkd_jax import evaluate
 from mstkd_jax import report
-from mstkd_jax.subsets import ALL_SUBSETS, subset_name
+from mstkd_jax.data import pipeline
+from mstkd_jax.models import build
+from mstkd_jax.modalities import ALL_SUBSETS, subset_name
 from tests import helpers_eval
 
 
@@ -108,14 +110,16 @@ def test_best_checkpoint_and_validation_agree(run):
 def test_validator_full_subset_only(run):
   config = helpers_eval.tiny_eval_config()
   config.eval.val_subsets = 'full'
-  result = evaluate.make_validator(config, run.workdir)(run.state, 1)
-  assert set(result) == {'dice', 'dice_WT', 'dice_TC', 'dice_ET'}
+  dataset = pipeline.prepare(config, run.workdir, splits=('val',), progress=False)
+  result = evaluate.make_validator(config, dataset)(run.state, 1)
+  assert set(result) == {'dice', 'dice_WT', 'dice_TC', 'dice_ET', 'teacher_dice',
+                         'teacher_dice_WT', 'teacher_dice_TC', 'teacher_dice_ET'}
   assert 0.0 <= result['dice'] <= 1.0
 
 
 def test_sliding_windows_blend_window_outputs(run):
   inference = evaluate.get_inference(run.config)
-  variables = inference.place(evaluate.network_variables(run.state, 'student'))
+  variables = inference.place(build.network_variables(run.state, 'student'))
   rs = np.random.RandomState(0)
   box = rs.rand(1, 40, 32, 32, 4).astype(np.float32)
   blended = inference.predict(variables, box, overlap=0.5, blend='uniform')

@@ -44,3 +44,29 @@ def test_gpu_check_reports_a_failing_case_and_goes_on(tmp_path):
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert [line['case'] for line in lines] == ['no_such_case', 'env']
   assert 'error' in lines[0] and 'error' not in lines[1]
+
+
+def test_compare_variants_smoke(tmp_path):
+  """experiments/compare_variants.py end to end on 8 tiny synthetic cases: 2 folds x 2
+  variants x 2 steps, the report (per-variant table, per-subset table, paired comparison with
+  its interval) and the figure; a second call finds every run finished and only reports."""
+  out = tmp_path / 'compare'
+  args = ['experiments/compare_variants.py', '--smoke', '--out', str(out), '--folds', '2',
+          '--steps', '2', '--variants', 'mstkd,plain']
+  proc = _run(args, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((out / 'report.json').read_text())
+  assert report['runs'] == 4
+  assert set(report['variants']) == {'mstkd', 'plain'}
+  for stats in report['variants'].values():
+    assert stats['runs'] == 2 and 0.0 <= stats['dice_WT']['mean'] <= 1.0
+    assert stats['dice_WT']['std'] is not None
+  paired = report['paired']['mstkd']['mean_15']['WT']
+  assert paired['cases'] == 8                    # every case is tested once over the folds
+  assert paired['ci95'][0] <= paired['mean'] <= paired['ci95'][1]
+  text = (out / 'report.md').read_text()
+  assert 'Paired: mstkd minus plain' in text and 'FLAIR+T1+T1Gd+T2' in text
+  assert (out / 'paired.png').stat().st_size > 0
+  # Resumable: nothing is retrained.
+  again = _run(args, timeout=300)
+  assert again.returncode == 0 and '[compare] fold' not in again.stdout

@@ -9,6 +9,7 @@ import pytest
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import evaluate
 from mstkd_jax import export
+from mstkd_jax.models import build
 from tests import helpers_eval
 
 
@@ -42,15 +43,15 @@ def test_export_contents_and_size(run, exported):
 
 
 def test_exported_student_gives_the_same_probabilities(run, exported):
-  from_export = ckpt.load_network(run.config, exported)
-  from_workdir = ckpt.load_network(run.config, run.workdir, 'latest')
+  from_export = ckpt.load_networks(run.config, exported).primary()
+  from_workdir = ckpt.load_networks(run.config, run.workdir, 'latest').networks['student']
   inference = evaluate.get_inference(run.config)
   rs = np.random.RandomState(1)
   images = rs.rand(3, *run.config.data.input_shape, 4).astype(np.float32)
   images[1, ..., 1:3] = 0.0   # a missing-modality input too
   a = inference.run(inference.place(from_export), images)
   b = inference.run(inference.place(from_workdir), images)
-  c = inference.run(inference.place(evaluate.network_variables(run.state, 'student')), images)
+  c = inference.run(inference.place(build.network_variables(run.state, 'student')), images)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a, c)
 

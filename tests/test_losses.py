@@ -35,10 +35,6 @@ def test_soft_dice_edge_cases():
   # perfect prediction of a non-empty target: 0 (up to eps).
   y[..., 0, 0, 0, :] = 1
   np.testing.assert_allclose(losses.dice_loss(y, y), 0.0, atol=1e-6)
-  # weighted sum of teacher and student terms
-  p = RS.rand(*y.shape).astype(np.float32)
-  got = losses.segmentation_loss(y, p, y, 0.6)
-  np.testing.assert_allclose(got, 0.4 * np_dice(y, y) + 0.6 * np_dice(p, y), **TOL)
 
 
 def np_evd(af, am):
@@ -157,6 +153,9 @@ def test_total_loss_weights_combine_terms(tiny_config):
   f, m = fake_outputs(0), fake_outputs(1)
   y = (np.random.RandomState(2).rand(1, 8, 8, 8, 4) > 0.5).astype(np.float32)
   t = losses.total_loss(f, m, y, jnp.ones(1), 7, cfg)
+  # L_dice = (1 - w_m) dice(p_f, y) + w_m dice(p_m, y), the weighted teacher and student terms.
+  np.testing.assert_allclose(t['dice'], (1 - cfg.missing_weight) * np_dice(f.probs, y)
+                             + cfg.missing_weight * np_dice(m.probs, y), **TOL)
   want = (t['dice'] + 0.5 * (cfg.evd_alpha * t['evd'] + cfg.mst_beta * t['mst'])
           + 2.0 * (t['agreement_weight'] * t['agreement'] + t['kl'])
           + 3.0 * (cfg.adv_epsilon * t['adv'] + cfg.style_theta * t['style'])

@@ -8,6 +8,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from mstkd_jax import metrics
+from mstkd_jax.data import layouts
 
 
 def _voxels(shape, *points):
@@ -228,13 +229,18 @@ def _points(mask):
   return {tuple(int(i) for i in p) for p in np.argwhere(mask)}
 
 
+def _regions(labels, layout):
+  """WT / TC / ET of a label volume through the layouts' one label table."""
+  return layouts.region_masks(layouts.labels_to_codes(labels, layout))
+
+
 def test_regions_from_labels_both_schemes():
   labels = _label_volume()
-  r = metrics.regions_from_labels(labels, 'brats2024')
+  r = _regions(labels, 'brats2024')
   assert _points(r['WT']) == {(1, 1, 1), (2, 2, 2), (3, 3, 3)}
   assert _points(r['TC']) == {(1, 1, 1), (3, 3, 3)}
   assert _points(r['ET']) == {(3, 3, 3)}
-  r = metrics.regions_from_labels(labels, 'fets')
+  r = _regions(labels, 'fets')
   assert _points(r['WT']) == {(1, 1, 1), (2, 2, 2), (4, 4, 0)}
   assert _points(r['TC']) == {(1, 1, 1), (4, 4, 0)}
   assert _points(r['ET']) == {(4, 4, 0)}
@@ -245,7 +251,7 @@ def test_region_masks_from_one_hot_and_probabilities():
   # Channels (NETC, SNFH, ET, background), channels-last, BraTS 2024 labels; cavity = background.
   one_hot = np.stack([labels == 1, labels == 2, labels == 3,
                       ~np.isin(labels, (1, 2, 3))], axis=-1).astype(np.float32)
-  expected = metrics.regions_from_labels(labels, 'brats2024')
+  expected = _regions(labels, 'brats2024')
   got = metrics.region_masks(one_hot)
   for region in metrics.REGIONS:
     np.testing.assert_array_equal(got[region], expected[region])

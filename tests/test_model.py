@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from configs.brats import get_config
-from mstkd_jax import step as step_lib
+from mstkd_jax.models import build
 from mstkd_jax.models.discriminator import StyleDiscriminator, final_kernel
 from mstkd_jax.models.mstkdnet import network_from_config
 
 
 def _init_shapes(config):
   net = network_from_config(config)
-  x = jnp.zeros(step_lib.input_shape(config))
+  x = jnp.zeros(build.input_shape(config))
   variables = jax.eval_shape(
       lambda: net.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
                        train=False))
@@ -28,10 +28,10 @@ def full_size():
 
 def test_full_size_parameter_counts_match_the_authors(full_size):
   variables, _ = full_size
-  assert step_lib.count_params(variables['params']) == 154_335_684
-  abstract = step_lib.abstract_state(get_config(), spe=1)
-  assert step_lib.count_params(abstract.disc_params) == 3_149_249
-  total = step_lib.count_params(abstract.params) + step_lib.count_params(abstract.disc_params)
+  assert build.count_params(variables['params']) == 154_335_684
+  abstract = build.abstract_state(get_config())
+  assert build.count_params(abstract.disc_params) == 3_149_249
+  total = build.count_params(abstract.params) + build.count_params(abstract.disc_params)
   assert total == 311_820_617
 
 
@@ -57,7 +57,7 @@ def test_position_embedding_follows_the_input_size():
   config = get_config()
   config.data.input_shape = (128, 192, 128)
   variables, _ = _init_shapes(config)
-  assert step_lib.count_params(variables['params']) == 154_317_252
+  assert build.count_params(variables['params']) == 154_317_252
 
 
 def test_discriminator_adapts_to_small_maps():
@@ -79,7 +79,7 @@ def test_bad_input_shape_is_a_clear_error(tiny_config):
 
 def test_tiny_forward_is_finite_and_probabilities_are_sigmoids(tiny_config, tiny_state,
                                                                tiny_batch):
-  probs = jax.jit(lambda p, s, x: step_lib.predict_probs(p, s, x, config=tiny_config))(
+  probs = jax.jit(lambda p, s, x: build.predict_probs(p, s, x, config=tiny_config))(
       tiny_state.params['student'], tiny_state.batch_stats['student'], tiny_batch['image'])
   probs = np.asarray(probs)
   assert probs.shape == tiny_batch['label'].shape

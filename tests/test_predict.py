@@ -13,8 +13,8 @@ import pytest
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import predict
 from mstkd_jax import visualize
-from mstkd_jax.data import pipeline
-from mstkd_jax.subsets import ALL_SUBSETS
+from mstkd_jax.data import layouts, pipeline
+from mstkd_jax.modalities import ALL_SUBSETS
 from tests import helpers_eval
 
 KEYS_2021 = ('flair', 't1', 't1ce', 't2')
@@ -138,9 +138,9 @@ def test_label_precedence_preserves_the_regions():
   rs = np.random.RandomState(0)
   probs = rs.rand(12, 10, 8, 4).astype(np.float32)
   channels = metrics_lib.region_masks(probs)
-  for layout, scheme in (('brats2021', 'fets'), ('brats2024', 'brats2024')):
+  for layout in ('brats2021', 'brats2024'):
     labels = predict.probs_to_labels(probs, layout)
-    back = metrics_lib.regions_from_labels(labels, scheme)
+    back = layouts.region_masks(layouts.labels_to_codes(labels, layout))
     for region in ('WT', 'TC', 'ET'):
       np.testing.assert_array_equal(back[region], channels[region])
 

@@ -13,7 +13,7 @@ import pytest
 
 from mstkd_jax import report
 from mstkd_jax.metrics import REGIONS
-from mstkd_jax.subsets import ALL_SUBSETS, subset_name
+from mstkd_jax.modalities import ALL_SUBSETS, subset_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -84,8 +84,9 @@ def test_grain_loader_state_round_trip(tmp_path, tiny_config):
   """The real input pipeline's iterator resumes at the same batch through a checkpoint."""
   pipeline = pytest.importorskip('mstkd_jax.data.pipeline')
   workdir = str(tmp_path / 'work')
-  make = lambda: pipeline.make_train_loader(tiny_config, workdir, batch_size=1, seed=0,
-                                            worker_count=0, progress=False)
+  make = lambda: pipeline.make_train_loader(
+      pipeline.prepare(tiny_config, workdir, progress=False), batch_size=1, seed=0,
+      worker_count=0)
   it = make()
   first = [next(it)['image'] for _ in range(3)]
   manager = ckpt.make_manager(tmp_path / 'ckpt')

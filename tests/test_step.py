@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
+from mstkd_jax import modalities, optim
 from mstkd_jax import step as step_lib
 
 SPE = 10
@@ -31,7 +32,7 @@ def term_grads(config, state, batch, names=DISTILLATION_TERMS):
   def term(params, name):
     _, (terms, *_rest) = step_lib.network_objective(
         params, state.batch_stats, state.disc_params, image,
-        step_lib.apply_masks(image, masks), jnp.asarray(batch['label']),
+        modalities.apply_masks(image, masks), jnp.asarray(batch['label']),
         (jax.random.key(1), jax.random.key(2)), 3, config)
     if name == 'sum':
       return sum(terms[t] for t in DISTILLATION_TERMS)
@@ -82,7 +83,7 @@ def run_steps(config, state, batch, n, lr=None, fn=None):
     config.train.disc_learning_rate = lr
   state = jax.tree.map(jnp.copy, state)  # never donate the shared fixture
   if fn is None:
-    fn = jax.jit(functools.partial(step_lib.train_step, config=config, spe=SPE),
+    fn = jax.jit(functools.partial(step_lib.train_step, config=config, steps_per_epoch=SPE),
                  donate_argnums=0)
   history = []
   for _ in range(n):
@@ -140,8 +141,8 @@ def test_same_seed_gives_bit_identical_parameters(six_steps, tiny_state, tiny_ba
 
 
 def test_subsets_drawn_uniformly_and_restrictable():
-  masks = step_lib.subset_masks(None)
-  drawn = step_lib.draw_modality_masks(jax.random.key(0), 15000, masks)
+  masks = modalities.subset_masks(None)
+  drawn = modalities.draw_masks(jax.random.key(0), 15000, masks)
   assert drawn.shape == (15000, 4)
   assert float(jnp.min(jnp.sum(drawn, axis=1))) >= 1  # never empty
   counts = np.unique(np.asarray(drawn) @ np.array([1, 2, 4, 8]), return_counts=True)[1]
@@ -151,7 +152,7 @@ def test_subsets_drawn_uniformly_and_restrictable():
 
 
 def test_learning_rate_poly_decay(tiny_config):
-  sched = step_lib.learning_rate_schedule(tiny_config, spe=10)
+  sched = optim.learning_rate_schedule(tiny_config, steps_per_epoch=10)
   lr = tiny_config.train.learning_rate
   epochs = tiny_config.train.epochs
   np.testing.assert_allclose(sched(0), lr)

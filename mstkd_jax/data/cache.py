@@ -26,9 +26,10 @@ import uuid
 
 from absl import logging
 import numpy as np
-import tqdm
 
 from mstkd_jax.data import preprocess
+from mstkd_jax.fileio import write_json_atomic
+from mstkd_jax.logging_utils import Progress
 from mstkd_jax.data.layouts import BadCaseError
 
 ENTRY_FILES = ('image.npy', 'label.npy', 'meta.json')
@@ -37,13 +38,6 @@ ENTRY_FILES = ('image.npy', 'label.npy', 'meta.json')
 def cache_folder(cache_dir, settings, root):
   fp = settings.fingerprint(extra={'root': os.path.realpath(root)})
   return os.path.join(cache_dir, fp)
-
-
-def _write_json_atomic(path, obj):
-  tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def entry_is_valid(folder, case):
@@ -146,7 +140,7 @@ def build_cache(cases, settings, root, cache_dir, *, workers=0, on_bad_case='err
   os.makedirs(folder, exist_ok=True)
   settings_path = os.path.join(folder, 'settings.json')
   if not os.path.exists(settings_path):
-    _write_json_atomic(settings_path, {**settings.as_dict(), 'root': os.path.realpath(root)})
+    write_json_atomic(settings_path, {**settings.as_dict(), 'root': os.path.realpath(root)})
   _remove_stale_temporaries(folder)
   entries, todo, skipped = {}, [], []
   for case in cases:
@@ -160,8 +154,7 @@ def build_cache(cases, settings, root, cache_dir, *, workers=0, on_bad_case='err
   if todo:
     logging.info('Preprocessing %d of %d cases into %s (%d workers)', len(todo), len(cases),
                  folder, workers)
-    bar = tqdm.tqdm(total=len(todo), desc='preprocessing', unit='case', disable=not progress,
-                    dynamic_ncols=True)
+    bar = Progress(len(todo), 'preprocessing', unit='case', enabled=progress)
     jobs = [(c, settings, os.path.join(folder, c.case_id)) for c in todo]
     try:
       if workers and workers > 0 and len(todo) > 1:

@@ -25,8 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-# Channel order everywhere: FLAIR, T1, T1Gd, T2 (mstkd_jax.subsets.MODALITY_KEYS names them).
-CHANNEL_KEYS = ('t2f', 't1n', 't1c', 't2w')
+from mstkd_jax.modalities import LEGACY_KEYS, MODALITY_KEYS
+
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 
 # Canonical label codes (cache) and what they mean.
@@ -57,13 +57,13 @@ class Layout:
 
   def modality_of(self, key):
     """'t1ce' -> 't1c' (the BraTS 2024 name of the channel)."""
-    return CHANNEL_KEYS[self.image_keys.index(key)]
+    return MODALITY_KEYS[self.image_keys.index(key)]
 
 
 LAYOUTS = {
-    'brats2024': Layout('brats2024', '-', ('t2f', 't1n', 't1c', 't2w'), 'seg',
+    'brats2024': Layout('brats2024', '-', MODALITY_KEYS, 'seg',
                         {1: CORE, 2: EDEMA, 3: ENHANCING, 4: CAVITY}),
-    'brats2021': Layout('brats2021', '_', ('flair', 't1', 't1ce', 't2'), 'seg',
+    'brats2021': Layout('brats2021', '_', LEGACY_KEYS, 'seg',
                         {1: CORE, 2: EDEMA, 4: ENHANCING}),
 }
 # Other names accepted for a layout in the config.

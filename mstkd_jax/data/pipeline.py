@@ -1,54 +1,45 @@
 """From a folder of cases to training batches and evaluation cases (the data API).
 
-Public functions (everything takes the project config; see docs/data.md):
+Everything takes the project config; docs/data.md describes layouts, preprocessing and the
+cache. A run's data is one object, built once:
 
-``resolve_root(config, workdir) -> str``
-    ``config.data.root``, or (when it is None) ``<workdir>/synthetic`` after writing
-    ``config.data.synthetic_cases`` synthetic cases there once (idempotent).
-``discover(config, workdir) -> list[layouts.Case]``
-    The case folders under the resolved root (layout auto-detected or ``config.data.layout``).
-``make_split(config, workdir) -> {'train': [ids], 'val': [ids], 'test': [ids]}``
-    Read from ``config.data.split_file`` if given, else from ``<workdir>/split.json`` if it
-    exists, else drawn with ``config.data.split_seed`` and ``config.data.split`` fractions and
-    written to ``<workdir>/split.json``.
-``prepare(config, workdir, ids=None, progress=True) -> Prepared``
-    Builds the preprocessing cache of the split's cases (or of `ids`) if needed, applying
-    ``config.data.on_bad_case``; ``Prepared`` has ``entries`` {case id: cache folder} and
-    ``skipped`` (the problems of the cases left out).
-``make_train_loader(config, workdir, batch_size, seed, process_index=0, process_count=1,
+``prepare(config, workdir, splits=('train', 'val', 'test')) -> Dataset``
+    Finds the cases under the data root (``resolve_root``: ``config.data.root``, or
+    ``config.data.synthetic_cases`` synthetic cases written once into ``<workdir>/synthetic``),
+    reads or draws the split (``make_split``: ``config.data.split_file``, else
+    ``<workdir>/split.json``, else drawn with ``data.split_seed`` and ``data.split`` and written
+    there) and builds the preprocessing cache of the cases of ``splits`` where needed,
+    applying ``config.data.on_bad_case``. ``Dataset`` holds ``root``, ``cases``, ``split``,
+    ``entries`` {case id: cache folder} and ``skipped``; ``ids(split)`` lists a split's usable
+    cases.
+``make_train_loader(dataset, batch_size, seed, process_index=0, process_count=1,
                     worker_count=None, threads=None) -> TrainIterator``
     An infinite iterator of ``{'image': float32 [B,H,W,D,4], 'label': float32 [B,H,W,D,4]}``
     (H, W, D = ``config.data.input_shape``; label channels NETC/NCR, SNFH/ED, ET, background).
     This process reads the training cases ``process_index::process_count``; epochs repeat with a
     new shuffle. ``get_state() -> bytes`` / ``set_state(bytes)`` save and restore the position
     (a step count: the batches are a pure function of (seed, step), independent of the worker
-    count, which may change between save and restore). Also ``steps_per_epoch``,
-    ``case_ids``, ``skipped_cases``, ``close()``. Parallelism: ``config.data.workers`` builders,
-    threads of this process (``config.data.worker_kind='threads'``, the default: numpy
-    releases the GIL, so batches cost no copy) or grain worker processes ('processes', batches
-    built straight into shared memory); ``worker_count`` (processes) and ``threads`` override
-    the config.
-``load_eval_cases(config, workdir, split='test', full_box=False) -> EvalCases``
+    count, which may change between save and restore). Also ``case_ids``, ``skipped_cases``,
+    ``close()``. Parallelism: ``config.data.workers`` builders, threads of this process
+    (``config.data.worker_kind='threads'``, the default: numpy releases the GIL, so batches
+    cost no copy) or grain worker processes ('processes', batches built straight into shared
+    memory); ``worker_count`` (processes) and ``threads`` override the config.
+``load_eval_cases(dataset, split='test', full_box=False) -> EvalCases``
     A sequence of ``EvalCase`` in sorted case-id order: ``case_id``, ``image`` [H,W,D,4]
     float32 and ``label`` [H,W,D,4] float32 (the centre window of input_shape of the box around
     the brain; with ``full_box=True`` the whole box, each side >= input_shape, for sliding-
     window inference), ``codes`` (uint8 canonical labels, layouts module), ``spacing`` (mm per
     voxel of the model space, for HD95) and ``meta`` (for ``restore_geometry``).
 ``preprocess_patient(paths, config, case_id='patient') -> (image, meta)``
-    A new patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1, T1Gd/t1c/t1ce,
-    T2/t2w/t2; any non-empty subset) to NIfTI files; absent modalities are zero channels
-    (``meta['present']`` says which). ``image`` is the whole box around the brain, float32
-    [bx,by,bz,4] with every side >= input_shape (larger where the brain is larger: slide
-    windows over it, or take ``centre_crop(image, meta, input_shape)``).
-``restore_geometry(volume, meta, order=None) -> array``
-    A model-space array (the box of ``meta``, optionally with channels) back in the original
-    voxel grid: original shape, 0 outside the box, nearest neighbour for integer/bool arrays
-    (labels) and trilinear for floats when a resampling is undone. ``write_nifti(volume, meta,
-    path)`` saves it with the original affine and header (``header_from_meta(meta)``).
-``centre_crop(image, meta, size) -> (image, meta)``
-    The centred window of `size` of a box (and the matching meta).
+    A new patient: ``paths`` maps modality names (any of ``modalities.ALIASES``; any non-empty
+    subset) to NIfTI files; absent modalities are zero channels (``meta['present']``).
+    ``image`` is the whole box around the brain, float32 [bx,by,bz,4] with every side >=
+    input_shape (slide windows over it, or take ``centre_crop(image, meta, input_shape)``).
+``restore_geometry(volume, meta, order=None)``, ``write_nifti(volume, meta, path)``
+    A model-space array back in the original voxel grid, and saved with the original affine.
 
-The data package imports nothing from models or training.
+To add a dataset layout: a ``Layout`` in layouts.py. The data package imports nothing from
+models, training or evaluation.
 """
 
 import collections
@@ -59,8 +50,7 @@ import mmap
 import os
 import sys
 import threading
-from typing import Sequence
-import uuid
+from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
@@ -73,7 +63,9 @@ from mstkd_jax.data import layouts
 from mstkd_jax.data import preprocess
 from mstkd_jax.data import synthetic
 from mstkd_jax.data.layouts import BadCaseError, DataError
-from mstkd_jax.data.preprocess import header_from_meta, restore_geometry, write_nifti  # pylint: disable=unused-import
+from mstkd_jax.data.preprocess import (  # pylint: disable=unused-import
+    header_from_meta, restore_geometry, write_nifti)
+from mstkd_jax.fileio import write_json_atomic
 
 SPLITS = ('train', 'val', 'test')
 
@@ -84,26 +76,18 @@ SPLITS = ('train', 'val', 'test')
 
 def resolve_root(config, workdir):
   """config.data.root, or synthetic cases generated once into <workdir>/synthetic."""
-  d = config.data
-  if d.root:
-    return os.fspath(d.root)
+  data_cfg = config.data
+  if data_cfg.root:
+    return os.fspath(data_cfg.root)
   out = os.path.join(workdir, 'synthetic')
-  synthetic.generate_dataset(out, d.synthetic_cases, tuple(d.synthetic_shape),
-                             d.synthetic_layout, seed=config.seed,
-                             spacing=d.synthetic_spacing)
+  synthetic.generate_dataset(out, data_cfg.synthetic_cases, tuple(data_cfg.synthetic_shape),
+                             data_cfg.synthetic_layout, seed=config.seed,
+                             spacing=data_cfg.synthetic_spacing)
   return out
 
 
 def discover(config, workdir):
   return layouts.discover_cases(resolve_root(config, workdir), config.data.layout)
-
-
-def _write_json_atomic(path, obj):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def split_counts(n, fractions):
@@ -149,24 +133,25 @@ def _read_split(path, known_ids):
 
 def make_split(config, workdir, cases=None):
   """The train/val/test case ids (see module doc); writes <workdir>/split.json once."""
-  d = config.data
+  data_cfg = config.data
   cases = discover(config, workdir) if cases is None else cases
   ids = [c.case_id for c in cases]
-  if d.split_file:
-    return _read_split(d.split_file, ids)
+  if data_cfg.split_file:
+    return _read_split(data_cfg.split_file, ids)
   path = os.path.join(workdir, 'split.json')
   if os.path.exists(path):
     return _read_split(path, ids)
-  counts = split_counts(len(ids), d.split)
-  order = np.random.default_rng(int(d.split_seed)).permutation(len(ids))
+  counts = split_counts(len(ids), data_cfg.split)
+  order = np.random.default_rng(int(data_cfg.split_seed)).permutation(len(ids))
   shuffled = [ids[i] for i in order]
   split = {'train': sorted(shuffled[:counts[0]]),
            'val': sorted(shuffled[counts[0]:counts[0] + counts[1]]),
            'test': sorted(shuffled[counts[0] + counts[1]:])}
-  _write_json_atomic(path, {**split, 'seed': int(d.split_seed), 'fractions': list(d.split),
-                            'root': os.path.realpath(resolve_root(config, workdir))})
+  write_json_atomic(path, {**split, 'seed': int(data_cfg.split_seed),
+                           'fractions': list(data_cfg.split),
+                           'root': os.path.realpath(resolve_root(config, workdir))})
   logging.info('Split %d cases into train %d / val %d / test %d (seed %d): %s', len(ids),
-               *counts, d.split_seed, path)
+               *counts, data_cfg.split_seed, path)
   return split
 
 
@@ -174,40 +159,58 @@ def make_split(config, workdir, cases=None):
 # Cache
 
 
+def cache_dir(config, workdir):
+  return config.data.cache_dir or os.path.join(workdir, 'cache')
+
+
 @dataclasses.dataclass
-class Prepared:
-  folder: str
-  entries: dict             # case id -> cache entry folder
-  skipped: list             # [[Problem, ...] per skipped case]
+class Dataset:
+  """The data of one run, found, split and prepared once (``prepare``); the training loader
+  (``make_train_loader``) and the evaluation cases (``load_eval_cases``) take it.
+
+  ``cases``: every case found under ``root`` (``layouts.Case``); ``split``: {'train', 'val',
+  'test': [ids]}; ``entries``: {case id: preprocessing-cache folder} of the prepared cases;
+  ``skipped``: the problems of the cases left out (``data.on_bad_case='skip'``).
+  """
+  config: Any
+  workdir: str
+  root: str
+  cases: list
+  split: dict
+  cache_folder: str
+  entries: dict
+  skipped: list
 
   @property
   def skipped_ids(self):
     return sorted({ps[0].case for ps in self.skipped})
 
+  def ids(self, split):
+    """Sorted ids of ``split`` whose cache entry is ready (bad cases left out)."""
+    if split not in SPLITS:
+      raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+    return [i for i in sorted(self.split[split]) if i in self.entries]
 
-def cache_dir(config, workdir):
-  return config.data.cache_dir or os.path.join(workdir, 'cache')
 
-
-def prepare(config, workdir, ids=None, progress=True, workers=None):
-  """Builds the cache for `ids` (default: every case of the split); see cache.build_cache."""
-  d = config.data
-  cases = discover(config, workdir)
-  if ids is None:
-    split = make_split(config, workdir, cases)
-    ids = [i for k in SPLITS for i in split[k]]
-  wanted = set(ids)
+def prepare(config, workdir, splits=SPLITS, progress=True, workers=None) -> Dataset:
+  """Finds the cases, reads or draws the split, and builds the preprocessing cache of the
+  cases of ``splits`` where needed (see cache.build_cache); the one walk over the data root
+  of a run."""
+  data_cfg = config.data
+  root = resolve_root(config, workdir)
+  cases = layouts.discover_cases(root, data_cfg.layout)
+  split = make_split(config, workdir, cases)
+  wanted = {i for k in splits for i in split[k]}
   chosen = [c for c in cases if c.case_id in wanted]
-  workers = d.workers if workers is None else workers
+  workers = data_cfg.workers if workers is None else workers
   folder, entries, skipped = cache.build_cache(
-      chosen, preprocess.Settings.from_config(config), resolve_root(config, workdir),
-      cache_dir(config, workdir), workers=workers, on_bad_case=d.on_bad_case,
-      progress=progress)
+      chosen, preprocess.Settings.from_config(config), root, cache_dir(config, workdir),
+      workers=workers, on_bad_case=data_cfg.on_bad_case, progress=progress)
   if skipped:
     report = {'skipped': [[str(p) for p in ps] for ps in skipped],
               'count': len(skipped)}
-    _write_json_atomic(os.path.join(workdir, 'bad_cases.json'), report)
-  return Prepared(folder, entries, skipped)
+    write_json_atomic(os.path.join(workdir, 'bad_cases.json'), report)
+  return Dataset(config, workdir, root, cases, split, folder, entries, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +347,6 @@ class TrainIterator:
     self.case_ids = list(case_ids)
     self.skipped_cases = list(skipped_cases)
     self.batch_size = batch_size
-    self.steps_per_epoch = max(1, len(self.case_ids) // batch_size)
     self._step = 0
     self._it = None
 
@@ -403,44 +405,45 @@ class TrainIterator:
       pass
 
 
-def make_train_loader(config, workdir, batch_size, seed, process_index=0, process_count=1,
-                      worker_count=None, threads=None, progress=True):
-  """The training input pipeline (see module doc)."""
-  d = config.data
-  split = make_split(config, workdir)
-  prep = prepare(config, workdir, ids=split['train'], progress=progress)
-  ids = [i for i in sorted(split['train']) if i in prep.entries]
+def make_train_loader(dataset: Dataset, batch_size, seed, process_index=0, process_count=1,
+                      worker_count=None, threads=None):
+  """The training input pipeline over ``dataset``'s training cases (see module doc)."""
+  config = dataset.config
+  data_cfg = config.data
+  ids = dataset.ids('train')
   if not ids:
     raise DataError('no usable training case (all skipped or the train split is empty)')
   ids = ids[process_index::process_count]
   if not ids:
     raise DataError(f'process {process_index} of {process_count} has no training case: '
-                    f'{len(split["train"])} cases for {process_count} processes')
-  entries = [prep.entries[i] for i in ids]
+                    f'{len(dataset.split["train"])} cases for {process_count} processes')
+  entries = [dataset.entries[i] for i in ids]
   boxes = [cache.load_meta(e)['box_size'] for e in entries]
   opts = augment.AugmentOptions.from_config(config)
-  if d.worker_kind not in ('threads', 'processes'):
-    raise ValueError(f"data.worker_kind must be 'threads' or 'processes', got {d.worker_kind!r}")
+  if data_cfg.worker_kind not in ('threads', 'processes'):
+    raise ValueError("data.worker_kind must be 'threads' or 'processes', got "
+                     f'{data_cfg.worker_kind!r}')
   if worker_count is None:
-    worker_count = d.workers if d.worker_kind == 'processes' else 0
+    worker_count = data_cfg.workers if data_cfg.worker_kind == 'processes' else 0
   if threads is None:
-    threads = d.workers if d.worker_kind == 'threads' else 0
+    threads = data_cfg.workers if data_cfg.worker_kind == 'threads' else 0
   workers = int(worker_count)
   signature = {
       'cases': hashlib.sha256('\n'.join(ids).encode()).hexdigest()[:12],
-      'cache': os.path.basename(prep.folder), 'seed': int(seed), 'batch_size': int(batch_size),
+      'cache': os.path.basename(dataset.cache_folder), 'seed': int(seed),
+      'batch_size': int(batch_size),
       'process': [int(process_index), int(process_count)],
       'augment': dataclasses.asdict(opts)}
   signature['augment']['input_shape'] = list(opts.input_shape)
-  if prep.skipped:
-    logging.warning('Training without %d bad case(s): %s', len(prep.skipped),
-                    ', '.join(prep.skipped_ids))
+  if dataset.skipped:
+    logging.warning('Training without %d bad case(s): %s', len(dataset.skipped),
+                    ', '.join(dataset.skipped_ids))
   logging.info('Training input: %d cases (process %d of %d), batch %d, %d worker processes, '
                '%d threads', len(ids), process_index, process_count, batch_size, workers,
                threads)
-  dataset = build_train_dataset(entries, boxes, opts, batch_size, seed)
-  return TrainIterator(dataset, worker_count=workers, threads=threads, signature=signature,
-                       case_ids=ids, skipped_cases=prep.skipped_ids, batch_size=batch_size)
+  batches = build_train_dataset(entries, boxes, opts, batch_size, seed)
+  return TrainIterator(batches, worker_count=workers, threads=threads, signature=signature,
+                       case_ids=ids, skipped_cases=dataset.skipped_ids, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,14 +498,11 @@ class EvalCases(Sequence):
                     meta=meta, spacing=tuple(float(s) for s in meta['spacing']))
 
 
-def load_eval_cases(config, workdir, split='test', full_box=False, progress=True):
-  """The cases of `split` ('test' or 'val', also 'train') for evaluation (see module doc)."""
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  ids = sorted(make_split(config, workdir)[split])
-  prep = prepare(config, workdir, ids=ids, progress=progress)
-  entries = [(i, prep.entries[i]) for i in ids if i in prep.entries]
-  return EvalCases(entries, config.data.input_shape, full_box, prep.skipped_ids)
+def load_eval_cases(dataset: Dataset, split='test', full_box=False):
+  """The cases of ``split`` ('test' or 'val', also 'train') for evaluation (see module doc)."""
+  ids = dataset.ids(split)
+  return EvalCases([(i, dataset.entries[i]) for i in ids], dataset.config.data.input_shape,
+                   full_box, dataset.skipped_ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,17 +30,17 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
   try:
-    split = pipeline.make_split(config, workdir)
-    prep = pipeline.prepare(config, workdir, progress=True)
+    dataset = pipeline.prepare(config, workdir, progress=True)
   except (pipeline.BadCaseError, pipeline.DataError) as e:
     logging.error('%s', e)
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
-  logging.info('Cache %s: %d cases ready, %d skipped', prep.folder, len(prep.entries),
-               len(prep.skipped))
+  split = dataset.split
+  logging.info('Cache %s: %d cases ready, %d skipped', dataset.cache_folder,
+               len(dataset.entries), len(dataset.skipped))
   print(f'split: train {len(split["train"])} / val {len(split["val"])} / '
-        f'test {len(split["test"])}; cache {prep.folder}: {len(prep.entries)} cases ready, '
-        f'{len(prep.skipped)} skipped')
+        f'test {len(split["test"])}; cache {dataset.cache_folder}: {len(dataset.entries)} cases '
+        f'ready, {len(dataset.skipped)} skipped')
 
 
 if __name__ == '__main__':

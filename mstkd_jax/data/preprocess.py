@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from mstkd_jax.data import layouts
 from mstkd_jax.data.layouts import BadCaseError, Problem
+from mstkd_jax.modalities import channel_index
 
 # Bumped whenever preprocessing changes what it writes (invalidates every cache).
 PREPROCESS_VERSION = 1
@@ -468,16 +469,11 @@ def _atomic_nifti_save(img, path):
 
 def preprocess_files(paths, settings, case_id='patient', layout='brats2021'):
   """A new patient's files -> (image [bx,by,bz,4], meta); see pipeline.preprocess_patient."""
-  keys = {'t2f': 0, 'flair': 0, 't1n': 1, 't1': 1, 't1c': 2, 't1ce': 2, 't1gd': 2, 't2w': 3,
-          't2': 3}
   images = [None] * 4
   for name, path in paths.items():
     if path is None:
       continue
-    c = keys.get(str(name).lower())
-    if c is None:
-      raise ValueError(f'unknown modality name {name!r}; use FLAIR/t2f, T1/t1n, T1Gd/t1c, '
-                       'T2/t2w')
+    c = channel_index(name)
     if images[c] is not None:
       raise ValueError(f'two files given for channel {c} ({images[c]}, {path})')
     images[c] = os.fspath(path)

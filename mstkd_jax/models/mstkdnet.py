@@ -68,47 +68,47 @@ class MSTKDNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool) -> NetworkOutputs:
-    c, dt = self.init_channels, self.dtype
+    c, dtype = self.init_channels, self.dtype
     multiple = 8 * self.patch_size
     if x.ndim != 5 or x.shape[-1] != self.in_channels or any(s % multiple for s in x.shape[1:4]):
       raise ValueError(f'MSTKDNet expects (N, H, W, D, {self.in_channels}) with H, W, D '
                        f'multiples of {multiple} (8 x patch_size); got {x.shape}')
     res = nn.remat(ResBlock) if self.remat else ResBlock
-    block = lambda name: res(self.groups, dt, name=name)
-    x = x.astype(dt)
+    block = lambda name: res(self.groups, dtype, name=name)
+    x = x.astype(dtype)
 
-    c1 = block('conv1b')(conv(c, dtype=dt, name='conv1a')(x))
-    c2 = conv(2 * c, stride=2, dtype=dt, name='ds1')(c1)
+    c1 = block('conv1b')(conv(c, dtype=dtype, name='conv1a')(x))
+    c2 = conv(2 * c, stride=2, dtype=dtype, name='ds1')(c1)
     c2 = block('conv2b')(block('conv2a')(c2))
-    c2d = conv(4 * c, stride=2, dtype=dt, name='ds2')(c2)
+    c2d = conv(4 * c, stride=2, dtype=dtype, name='ds2')(c2)
     c2d_p = maxpool2(c2d)
     c3 = block('conv3b')(block('conv3a')(c2d))
-    c3d = conv(8 * c, stride=2, dtype=dt, name='ds3')(c3)
+    c3d = conv(8 * c, stride=2, dtype=dtype, name='ds3')(c3)
 
     transformer = Transformer(
         self.embed_dim, self.num_heads, self.num_layers, self.mlp_dim, self.patch_size,
-        tuple(self.kept_blocks), self.dropout, self.attention_dropout, self.remat, dt,
+        tuple(self.kept_blocks), self.dropout, self.attention_dropout, self.remat, dtype,
         parent=None)  # unbound: UNETRBranch adopts it as its 'transformer'
-    branch = UNETRBranch(transformer, tuple(self.decoder_channels), dt, name='Unetr')
+    branch = UNETRBranch(transformer, tuple(self.decoder_channels), dtype, name='Unetr')
     t, features, attention = branch(c3d, train)
     t = t + c3d
 
     content = t
     for name in ('conv4a', 'conv4b', 'conv4c', 'conv4d'):
       content = block(name)(content)
-    style = conv(8 * c, kernel=1, dtype=dt, name='convc')(
+    style = conv(8 * c, kernel=1, dtype=dtype, name='convc')(
         jnp.concatenate([c2d_p, c3d, t], axis=-1))
-    fused = conv(8 * c, kernel=1, dtype=dt, name='convco')(
+    fused = conv(8 * c, kernel=1, dtype=dtype, name='convco')(
         jnp.concatenate([style, content], axis=-1))
     fused = nn.Dropout(self.fused_dropout)(fused, deterministic=not train)
 
-    u = upsample2(conv(4 * c, kernel=1, dtype=dt, name='up4conva')(fused)) + c3
+    u = upsample2(conv(4 * c, kernel=1, dtype=dtype, name='up4conva')(fused)) + c3
     u = block('up4convb')(u)
-    u = upsample2(conv(2 * c, kernel=1, dtype=dt, name='up3conva')(u)) + c2
+    u = upsample2(conv(2 * c, kernel=1, dtype=dtype, name='up3conva')(u)) + c2
     u = block('up3convb')(u)
-    u = upsample2(conv(c, kernel=1, dtype=dt, name='up2conva')(u)) + c1
+    u = upsample2(conv(c, kernel=1, dtype=dtype, name='up2conva')(u)) + c1
     u = block('up2convb')(u)
-    logits = conv(self.num_classes, kernel=1, dtype=dt, name='up1conv')(u).astype(jnp.float32)
+    logits = conv(self.num_classes, kernel=1, dtype=dtype, name='up1conv')(u).astype(jnp.float32)
     return NetworkOutputs(logits=logits, probs=jax.nn.sigmoid(logits), style=style,
                           content=content, c3d=c3d, attention=attention, features=features)
 

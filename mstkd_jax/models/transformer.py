@@ -132,40 +132,40 @@ class UNETRBranch(nn.Module):
     if 2 ** levels != patch or not 1 <= levels <= 3:
       raise ValueError(f'model.patch_size must be 2, 4 or 8, got {patch}')
     c0, c1, c2, c3, c4 = self.decoder_channels
-    dt = self.dtype
+    dtype = self.dtype
     hidden, probs, grid = self.transformer(x, train)
     to_map = lambda z: z.reshape((z.shape[0],) + grid + (z.shape[-1],))
     z3, z6, z9, z12 = (to_map(z) for z in hidden)
 
     # z12': one transposed conv (grid x2).
-    z12 = deconv(c0, dtype=dt, name='decoder12_upsampler')(z12)
+    z12 = deconv(c0, dtype=dtype, name='decoder12_upsampler')(z12)
     # z9': up x2, fuse with z12', three ConvBlocks, up x2.
-    z9 = DeconvBlock(c0, dt, name='decoder9')(z9, train)
+    z9 = DeconvBlock(c0, dtype, name='decoder9')(z9, train)
     z9 = jnp.concatenate([z9, z12], axis=-1)
     for i in range(3):
-      z9 = ConvBlock(c0, dtype=dt, name=f'decoder9_upsampler_{i}')(z9, train)
-    z9 = deconv(c1, dtype=dt, name='decoder9_upsampler_3')(z9)
+      z9 = ConvBlock(c0, dtype=dtype, name=f'decoder9_upsampler_{i}')(z9, train)
+    z9 = deconv(c1, dtype=dtype, name='decoder9_upsampler_3')(z9)
     # z6': up x4, fuse with z9', two ConvBlocks, up x2.
-    z6 = DeconvBlock(c0, dt, name='decoder6_0')(z6, train)
-    z6 = DeconvBlock(c1, dt, name='decoder6_1')(z6, train)
+    z6 = DeconvBlock(c0, dtype, name='decoder6_0')(z6, train)
+    z6 = DeconvBlock(c1, dtype, name='decoder6_1')(z6, train)
     z6 = jnp.concatenate([z6, z9], axis=-1)
-    z6 = ConvBlock(c1, dtype=dt, name='decoder6_upsampler_0')(z6, train)
-    z6 = ConvBlock(c1, dtype=dt, name='decoder6_upsampler_1')(z6, train)
-    z6 = deconv(c2, dtype=dt, name='decoder6_upsampler_2')(z6)
+    z6 = ConvBlock(c1, dtype=dtype, name='decoder6_upsampler_0')(z6, train)
+    z6 = ConvBlock(c1, dtype=dtype, name='decoder6_upsampler_1')(z6, train)
+    z6 = deconv(c2, dtype=dtype, name='decoder6_upsampler_2')(z6)
     # z3': up x8, fuse with z6', (4 - s) stride-2 ConvBlocks, up x2.
-    z3 = DeconvBlock(c0, dt, name='decoder3_0')(z3, train)
-    z3 = DeconvBlock(c1, dt, name='decoder3_1')(z3, train)
-    z3 = DeconvBlock(c2, dt, name='decoder3_2')(z3, train)
+    z3 = DeconvBlock(c0, dtype, name='decoder3_0')(z3, train)
+    z3 = DeconvBlock(c1, dtype, name='decoder3_1')(z3, train)
+    z3 = DeconvBlock(c2, dtype, name='decoder3_2')(z3, train)
     z3 = jnp.concatenate([z3, z6], axis=-1)
     n_down = 4 - levels
     for i in range(n_down):
-      z3 = ConvBlock(c2, stride=2, dtype=dt, name=f'decoder3_upsampler_{i}')(z3, train)
-    z3 = deconv(c3, dtype=dt, name=f'decoder3_upsampler_{n_down}')(z3)
+      z3 = ConvBlock(c2, stride=2, dtype=dtype, name=f'decoder3_upsampler_{i}')(z3, train)
+    z3 = deconv(c3, dtype=dtype, name=f'decoder3_upsampler_{n_down}')(z3)
     # z0': two ConvBlocks on the branch's input; fuse with z3' into the output map.
-    z0 = ConvBlock(c4, dtype=dt, name='decoder0_0')(x, train)
-    z0 = ConvBlock(c3, dtype=dt, name='decoder0_1')(z0, train)
+    z0 = ConvBlock(c4, dtype=dtype, name='decoder0_0')(x, train)
+    z0 = ConvBlock(c3, dtype=dtype, name='decoder0_1')(z0, train)
     y = jnp.concatenate([z0, z3], axis=-1)
-    y = ConvBlock(c3, dtype=dt, name='decoder0_header_0')(y, train)
-    y = ConvBlock(c3, dtype=dt, name='decoder0_header_1')(y, train)
-    y = conv(x.shape[-1], kernel=1, dtype=dt, name='decoder0_header_2')(y)
+    y = ConvBlock(c3, dtype=dtype, name='decoder0_header_0')(y, train)
+    y = ConvBlock(c3, dtype=dtype, name='decoder0_header_1')(y, train)
+    y = conv(x.shape[-1], kernel=1, dtype=dtype, name='decoder0_header_2')(y)
     return y, [z3, z6, z9, z12], probs

@@ -35,6 +35,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from absl import logging
 
@@ -79,7 +80,6 @@ def _compiler():
 
 def library_path(prefix):
   """Where the library built from this source, jaxlib and oneDNN prefix lives."""
-  import jaxlib
   with open(SOURCE, 'rb') as f:
     digest = hashlib.sha256(f.read())
   digest.update(f'{jaxlib.__version__}|{prefix}|{_compiler()}'.encode())

@@ -198,26 +198,16 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MstkdConv3dForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+// All three take two buffers and return one, with the stride and the symmetric padding.
+#define MSTKD_CONV3D_BINDING                                                      \
+  ffi::Ffi::Bind()                                                                \
+      .Arg<ffi::AnyBuffer>()                                                      \
+      .Arg<ffi::AnyBuffer>()                                                      \
+      .Ret<ffi::AnyBuffer>()                                                      \
+      .Attr<int64_t>("stride")                                                    \
+      .Attr<int64_t>("padding")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MstkdConv3dBackwardData, ConvBackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MstkdConv3dForward, ConvForward, MSTKD_CONV3D_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MstkdConv3dBackwardData, ConvBackwardData, MSTKD_CONV3D_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MstkdConv3dBackwardWeights, ConvBackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+                              MSTKD_CONV3D_BINDING);

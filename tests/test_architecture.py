@@ -1,0 +1,99 @@
+"""The layers of docs/architecture.md hold: no module imports a layer above its own.
+
+  faces        main, run, predict, visualize, convert_torch, data.prepare   (command lines)
+  train | eval train, step | evaluate, metrics, report, export              (side by side)
+  services     models.build, checkpoint, parallel
+  foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
+               (logging_utils, fileio, host_memory, cli)
+
+Every ``import`` in a module counts, at the top or inside a function.
+"""
+
+import ast
+import os
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'mstkd_jax')
+
+FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
+         'evaluate_folder'}
+TRAIN = {'train', 'step'}
+EVAL = {'evaluate', 'metrics', 'report', 'export'}
+SERVICES = {'models.build', 'checkpoint', 'parallel'}
+
+
+def layer(module):
+  if module in FACES:
+    return 'face'
+  if module in TRAIN:
+    return 'train'
+  if module in EVAL:
+    return 'eval'
+  if module in SERVICES:
+    return 'service'
+  return 'foundation'
+
+
+# layer -> the layers it must not import
+FORBIDDEN = {
+    'train': {'eval', 'face'},
+    'eval': {'train', 'face'},
+    'service': {'train', 'eval', 'face'},
+    'foundation': {'service', 'train', 'eval', 'face'},
+    'face': set(),
+}
+
+
+def modules():
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith('.py'):
+        path = os.path.join(folder, name)
+        rel = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, '.')
+        yield (rel[:-len('.__init__')] if rel.endswith('__init__') else rel), path
+
+
+def imported(path, module):
+  """The project modules (dotted, relative to mstkd_jax) that ``path`` imports."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith('mstkd_jax.'):
+          out.add(alias.name[len('mstkd_jax.'):])
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == 'mstkd_jax':
+        out.update(alias.name for alias in node.names)
+      elif node.module.startswith('mstkd_jax.'):
+        base = node.module[len('mstkd_jax.'):]
+        for alias in node.names:
+          # ``from mstkd_jax.data import pipeline`` imports the module data.pipeline.
+          candidate = f'{base}.{alias.name}'
+          known = {m for m, _ in modules()}
+          out.add(candidate if candidate in known else base)
+  out.discard(module)
+  return out
+
+
+def test_no_module_imports_a_layer_above_its_own():
+  arrows = []
+  for module, path in modules():
+    for target in imported(path, module):
+      if layer(target) in FORBIDDEN[layer(module)]:
+        arrows.append(f'{module} ({layer(module)}) -> {target} ({layer(target)})')
+  assert not arrows, 'imports against the layers:\n' + '\n'.join(sorted(arrows))
+
+
+def test_the_layer_table_names_existing_modules():
+  known = {m for m, _ in modules()}
+  for name in (FACES - {'evaluate_folder'}) | TRAIN | EVAL | SERVICES:
+    assert name in known, name
+
+
+def test_the_checker_sees_a_bad_arrow(tmp_path):
+  """The parser finds both top-level and function-local imports."""
+  path = tmp_path / 'x.py'
+  path.write_text('from mstkd_jax import step\n'
+                  'def f():\n  from mstkd_jax.data import pipeline\n  import mstkd_jax.evaluate\n')
+  assert imported(str(path), 'x') == {'step', 'data.pipeline', 'evaluate'}
