@@ -26,6 +26,8 @@ from etils import epath
 from ml_collections import config_dict
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from mstkd_jax.cli import InputError
+from mstkd_jax.fileio import write_json_atomic, write_text_atomic
 from mstkd_jax.models import build
 
 VAL_METRIC = 'val_dice'
@@ -90,9 +92,19 @@ def make_manager(directory, keep=3, read_only=False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=_best_metric, best_mode='max',
       create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=not read_only)
+      enable_async_checkpointing=not read_only,
+      # Read-only managers save nothing; saying so keeps Orbax from warning about it.
+      save_interval_steps=0 if read_only else 1)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'data', 'meta'))
+
+
+def saved_steps(directory):
+  """The complete checkpoint steps under ``directory`` (a workdir's checkpoints/), from the
+  folder names alone (no Orbax manager: nothing is logged or created)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def save(manager, step, state, data_state: Any, meta: dict,
@@ -186,10 +198,9 @@ def save_network(directory, variables, config, network='student', source='', ove
   ckptr.save(target, tree, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(directory, EXPORT_MANIFEST), 'w') as f:
-    json.dump({'kind': 'network', 'network': network, 'source': str(source)}, f, indent=2)
+  write_text_atomic(os.path.join(directory, 'config.json'), config.to_json_best_effort(indent=2))
+  write_json_atomic(os.path.join(directory, EXPORT_MANIFEST),
+                    {'kind': 'network', 'network': network, 'source': str(source)}, indent=2)
   return directory
 
 
@@ -239,6 +250,10 @@ def _normalise(value):
   return json.loads(json.dumps(value, default=str))
 
 
+class CheckpointError(InputError, ValueError):
+  """A checkpoint that cannot be used with this config or command (one line for the user)."""
+
+
 def check_compatible(config, saved_config, location=''):
   """Raises ValueError naming every differing field when ``config`` cannot use a network
   trained with ``saved_config`` (model size, input shape, normalisation, spacing, dtype)."""
@@ -256,12 +271,12 @@ def check_compatible(config, saved_config, location=''):
       where = f'{section}.{name}' if name else section
       diffs.append(f'{where}: config {a!r}, checkpoint {b!r}')
   if diffs:
-    raise ValueError(f'the checkpoint {location} was trained with another config: '
+    raise CheckpointError(f'the checkpoint {location} was trained with another config: '
                      + '; '.join(diffs) + '. Use the config it was trained with (its '
                      'config.json), or no --config at all where the command allows it.')
 
 
-class NetworkMismatchError(ValueError):
+class NetworkMismatchError(InputError, ValueError):
   """Stored weights that do not fit the network: every missing, unknown, mis-shaped entry."""
 
   def __init__(self, missing=(), unexpected=(), misshaped=(), hint='',
@@ -362,21 +377,21 @@ def load_networks(config, location, which=None, names=('student',)) -> LoadedNet
     check_compatible(config, saved, location)
   if is_network_export(location):
     if which not in (None, '', 'latest'):
-      raise ValueError(f'{location} is an exported network: a checkpoint step ({which}) does '
+      raise CheckpointError(f'{location} is an exported network: a checkpoint step ({which}) does '
                        'not apply')
     with open(os.path.join(location, EXPORT_MANIFEST)) as f:
       manifest = json.load(f)
     if manifest.get('kind') != 'network':
-      raise ValueError(f'{location}/{EXPORT_MANIFEST}: kind {manifest.get("kind")!r}, '
+      raise CheckpointError(f'{location}/{EXPORT_MANIFEST}: kind {manifest.get("kind")!r}, '
                        'expected "network"')
     directory = os.path.join(os.path.abspath(location), 'variables')
     target = build.network_struct(config)
     _check_stored(directory, target)
-    target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
       variables = ocp.StandardCheckpointer().restore(directory, target)
     except (ValueError, KeyError) as e:
-      raise ValueError(f'{location} does not hold a network of this config '
+      raise CheckpointError(f'{location} does not hold a network of this config '
                        f'(model {dict(config.model)}): {e}') from e
     variables = {'params': variables['params'],
                  'batch_stats': variables.get('batch_stats', {})}
@@ -391,7 +406,7 @@ def load_networks(config, location, which=None, names=('student',)) -> LoadedNet
   try:
     state, _, _ = restore(manager, step, build.abstract_state(config), with_data=False)
   except (ValueError, KeyError) as e:
-    raise ValueError(f'checkpoint {directory}/{step} does not match this config '
+    raise CheckpointError(f'checkpoint {directory}/{step} does not match this config '
                      f'(model {dict(config.model)}): {e}') from e
   finally:
     manager.close()

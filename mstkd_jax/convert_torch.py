@@ -2,7 +2,7 @@
 
 Command:
 
-  python -m mstkd_jax.convert_torch --state-dict FILE --config=configs/brats.py --out DIR \
+  python -m mstkd_jax.convert_torch --state_dict FILE --config=configs/brats.py --out DIR \
       [--which student|teacher] [--allow_pickle] [--overwrite]
 
 FILE is one of
@@ -51,11 +51,11 @@ import sys
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax.cli import underscore_flags
+from mstkd_jax import cli
 from mstkd_jax.models import build
 
 NETWORK_KEYS = {'student': 'model_missing', 'teacher': 'model_full'}
@@ -313,6 +313,10 @@ def load_state_dict_file(path, which: str = 'student',
   whole checkpoint. A ``module.`` prefix on every name (DataParallel) is removed.
   """
   path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--state_dict {path}: no such file')
+  if os.path.isdir(path):
+    raise IsADirectoryError(f'--state_dict {path} is a folder; give the .pth / .pt / .npz file')
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as f:
       obj = {k: f[k] for k in f.files}
@@ -340,10 +344,17 @@ def convert(state_dict_path, config, out_dir, which: str = 'student',
 # ---- command line ----
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
-  out = convert(f.state_dict, f.config, f.out, which=f.which, allow_pickle=f.allow_pickle,
-                overwrite=f.overwrite)
+  config = cli.config_flag('config')
+  try:
+    out = convert(f.state_dict, config, f.out, which=f.which, allow_pickle=f.allow_pickle,
+                  overwrite=f.overwrite)
+  except (ValueError, KeyError, OSError, ImportError) as e:
+    if cli.show_tracebacks():
+      raise
+    cli.fail(cli.one_line(e))
   logging.info('wrote the %s network to %s', f.which, out)
   print(f'wrote the {f.which} network of {f.state_dict} to {out}')
 
@@ -361,6 +372,23 @@ def _define_flags():
   flags.DEFINE_bool('overwrite', False, 'Replace an existing export in --out.')
 
 
-if __name__ == '__main__':
+USAGE = """Import the authors' PyTorch MST-KDNet weights as a network export.
+
+  python -m mstkd_jax.convert_torch --state_dict FILE --config=configs/brats.py --out DIR \\
+      [--which student|teacher] [--allow_pickle] [--overwrite]
+
+FILE: a state_dict or the authors' whole training checkpoint (.pth / .pt with torch
+installed, or .npz with the same names). The export is read by --mode=eval, predict and
+visualize like an exported student (docs/evaluation.md).
+"""
+
+
+def console_main():
+  """The ``mstkd-convert`` command (``pip install .``): ``python -m mstkd_jax.convert_torch``."""
+  sys.modules['__main__'].__doc__ = USAGE    # what --help shows above the flags
   _define_flags()
-  app.run(main, argv=underscore_flags(sys.argv))
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -10,6 +10,8 @@ import time
 import tqdm
 from absl import logging
 
+from mstkd_jax.fileio import write_text_atomic
+
 
 class _LibraryInfoFilter(py_logging.Filter):
   """Drops INFO/DEBUG records logged from inside the given packages (Orbax reports every
@@ -29,8 +31,9 @@ class _LibraryInfoFilter(py_logging.Filter):
     return False
 
 
-def quiet_libraries(packages=('orbax', 'grain')):
-  """Keeps library INFO chatter (Orbax, grain) out of the training log."""
+def quiet_libraries(packages=('orbax', 'grain', 'jax')):
+  """Keeps library INFO chatter (Orbax's option dumps, grain, jax's backend probing) out of
+  the log; their warnings and errors still pass."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
     handler.addFilter(_LibraryInfoFilter(packages))
@@ -101,6 +104,32 @@ class Progress:
       self._bar.close()
 
 
+# Training-log names of the logged values (metrics.jsonl keeps the keys): losses say so.
+SHOWN = {'total': 'loss', 'dice': 'dice_loss', 'dice_student': 'student_dice_loss',
+         'learning_rate': 'lr', 'steps_per_s': 'steps/s', 'eta_s': 'ETA s'}
+VALIDATION_LABELS = {'val_dice': 'val Dice (student)', 'val_teacher_dice': 'val Dice (teacher)'}
+
+
+def drop_records_after(workdir, step):
+  """Rewrites ``<workdir>/metrics.jsonl`` without the records after ``step`` (those of steps
+  lost in a crash, which a resumed run logs again), so that a plot of the file is right."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)['step']) <= step:
+        keep.append(line)
+    except (ValueError, KeyError):
+      continue   # a half-written last line
+  if len(keep) != len(lines):
+    write_text_atomic(path, ''.join(keep))
+  return len(lines) - len(keep)
+
+
 class MetricWriter:
   """Appends {'step', 'time', **values} lines to <workdir>/metrics.jsonl and writes the same
   scalars as TensorBoard events under <workdir>/tensorboard."""
@@ -127,9 +156,9 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
-    shown = {k: values[k] for k in ('total', 'dice', 'dice_student', 'learning_rate',
-                                    'steps_per_s', 'eta_s') if k in values}
-    shown.update({k: v for k, v in values.items() if k.startswith('val_')})
+    shown = {label: values[k] for k, label in SHOWN.items() if k in values}
+    shown.update({VALIDATION_LABELS.get(k, k): v for k, v in values.items()
+                  if k.startswith('val_')})
     logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}' for k, v in shown.items()))
 
   def progress(self, total, initial):

@@ -27,7 +27,7 @@ LEGACY_KEYS = ('flair', 't1', 't1ce', 't2')
 # Every accepted name of each channel (lower case) -> channel index.
 ALIASES = {name.lower(): i for names in (MODALITIES, MODALITY_KEYS, LEGACY_KEYS)
            for i, name in enumerate(names)}
-ALIASES['t1gd'] = 2
+ALIASES.update({'t1gd': 2, 't1w': 1, 't1-gd': 2, 't1c': 2})   # MSD / nnU-Net dataset.json names
 
 Subset = Tuple[bool, bool, bool, bool]
 

@@ -4,13 +4,22 @@ One patient (any non-empty subset of the four modalities; the BraTS 2021 names a
 
     python -m mstkd_jax.predict --checkpoint runs/brats/export \
         --t2f BraTS-GLI-00005-100-t2f.nii.gz --t1c BraTS-GLI-00005-100-t1c.nii.gz \
-        --out seg.nii.gz [--save-probabilities] [--labels brats2024|brats2021]
+        --out seg.nii.gz [--save_probabilities] [--labels brats2024|brats2021]
 
-Every case folder under a folder (BraTS 2024 or 2021 file names; missing modalities are
-simply absent, ``seg`` files are ignored)::
+Every case under a folder::
 
-    python -m mstkd_jax.predict --checkpoint runs/brats/export --input-dir /data/new \
-        --out /data/new-segs          # writes /data/new-segs/<case id>.nii.gz
+    python -m mstkd_jax.predict --checkpoint runs/brats/export --input_dir /data/new \
+        --out /data/new-segs [--continue]     # writes /data/new-segs/<case id>.nii.gz
+
+The folder holds either BraTS case folders (BraTS 2024 or 2021 file names; missing modalities
+are simply absent, ``seg`` files are ignored) or, as nnU-Net expects, flat files
+``CASE_0000.nii.gz`` .. ``CASE_0003.nii.gz``, one per channel number. The channel order of
+flat files comes from ``--channels`` (default FLAIR,T1,T1Gd,T2), else from ``--dataset_json``
+or a ``dataset.json`` in the folder or its parent (nnU-Net v2 ``channel_names`` or the MSD's
+``modality``: e.g. {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}); a channel file that
+is absent is a missing modality. Output files are named ``<case id>.nii.gz``, the names BraTS
+submissions expect (BraTS-GLI-00001-000.nii.gz, BraTS2021_00001.nii.gz). ``--continue`` skips
+cases whose output exists (a restarted job carries on).
 
 ``--checkpoint`` is an exported student (``--mode=export``) or a training workdir (then
 ``--step latest|best|N`` picks the checkpoint). The preprocessing (intensity scaling, voxel
@@ -31,7 +40,7 @@ What comes out:
   the unions of thresholded channels the metrics use (WT = ch0|ch1|ch2, TC = ch0|ch2, ET = ch2);
 * where the brain box is larger than the model's input, overlapping windows (``--overlap``,
   default 0.5) are blended with Gaussian weights (``--blend uniform`` for plain averaging);
-* ``--save-probabilities`` also writes the four sigmoid channels (NETC/NCR, SNFH/ED, ET,
+* ``--save_probabilities`` also writes the four sigmoid channels (NETC/NCR, SNFH/ED, ET,
   background) as a float32 4D NIfTI in the same geometry (``<out>_probs.nii.gz``); when the
   model works at another voxel size they are resampled trilinearly, and the segmentation is the
   thresholded resampled probabilities.
@@ -40,25 +49,30 @@ Errors are reported in one line (exit status 2): no modality given, a missing or
 file, files of different shapes or affines, a checkpoint trained with another config.
 """
 
-import argparse
 import dataclasses
 import importlib.util
+import json
 import os
+import re
 import sys
 import time
 
-from absl import logging
+from absl import flags, logging
 import numpy as np
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import cli
 from mstkd_jax import evaluate
 from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.logging_utils import Progress
-from mstkd_jax.modalities import LEGACY_KEYS, MODALITY_KEYS, subset_name
+from mstkd_jax.modalities import LEGACY_KEYS, MODALITIES, MODALITY_KEYS, channel_index, subset_name
 
 # Command-line names of each channel (FLAIR, T1, T1Gd, T2): BraTS 2024 first, then 2021.
 CHANNEL_OPTIONS = tuple(zip(MODALITY_KEYS, LEGACY_KEYS))
 LABEL_CHOICES = ('auto', 'brats2024', 'brats2021')
+# nnU-Net's file names: <case id>_<4-digit channel number>.nii(.gz).
+CHANNEL_FILE = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$')
+DEFAULT_CHANNELS = ','.join(MODALITIES)
 
 
 class PredictionError(ValueError):
@@ -176,6 +190,24 @@ def _check_paths(paths):
   return given
 
 
+def check_out(out, folder=False):
+  """The output must be a .nii / .nii.gz file (or, with ``folder``, a folder), never an
+  existing folder where a file is wanted."""
+  if folder:
+    if os.path.exists(out) and not os.path.isdir(out):
+      raise PredictionError(f'--out {out} exists and is not a folder (--input_dir writes one '
+                            'file per case into a folder)')
+    return
+  if os.path.isdir(out):
+    raise PredictionError(f'--out {out} is a folder; give a file name ending in .nii.gz')
+  if not out.endswith(('.nii.gz', '.nii')):
+    raise PredictionError(f'--out {out}: the segmentation is written as NIfTI; give a name '
+                          'ending in .nii.gz or .nii')
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent):
+    raise PredictionError(f'--out {out}: the folder {parent} does not exist')
+
+
 def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,
                   case_id='patient', option_names=()) -> Prediction:
   """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
@@ -225,63 +257,181 @@ def _case_paths(case):
   return {key: path for key, path in zip(MODALITY_KEYS, case.images) if path}
 
 
-def predict_folder(model, input_dir, out_dir, labels='auto', save_probabilities=False,
-                   **kwargs):
-  """Segments every case folder under ``input_dir`` into ``out_dir/<case id>.nii.gz``.
-  Returns (written paths, {case id: error message})."""
+def _channel_names_from_json(path):
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise PredictionError(f'{path}: cannot read as JSON: {e}') from e
+  names = data.get('channel_names') or data.get('modality') if isinstance(data, dict) else None
+  if not isinstance(names, dict) or not names:
+    raise PredictionError(f'{path}: no "channel_names" (nnU-Net v2) or "modality" (MSD) entry')
+  try:
+    return {int(k): v for k, v in names.items()}
+  except ValueError as e:
+    raise PredictionError(f'{path}: channel numbers must be integers: {e}') from e
+
+
+def channel_order(channels=None, dataset_json=None, input_dir=None):
+  """{channel number in the file names: modality index 0-3} from ``channels`` ('FLAIR,T1,
+  T1Gd,T2': channel 0 is FLAIR...), else ``dataset_json``, else a dataset.json in
+  ``input_dir`` or its parent, else FLAIR,T1,T1Gd,T2."""
+  source = '--channels'
+  if channels:
+    names = dict(enumerate(n for n in channels.split(',')))
+  else:
+    candidates = [dataset_json] if dataset_json else [
+        os.path.join(d, 'dataset.json') for d in (input_dir, os.path.dirname(
+            os.path.abspath(input_dir)))] if input_dir else []
+    found = [p for p in candidates if p and os.path.isfile(p)]
+    if dataset_json and not found:
+      raise PredictionError(f'--dataset_json {dataset_json}: no such file')
+    if found:
+      source, names = found[0], _channel_names_from_json(found[0])
+    else:
+      names = dict(enumerate(MODALITIES))
+  order = {}
+  for number, name in names.items():
+    try:
+      index = channel_index(name)
+    except ValueError as e:
+      raise PredictionError(f'{source}: channel {number}: {e}') from e
+    if index in order.values():
+      raise PredictionError(f'{source}: {MODALITIES[index]} is named by two channels')
+    order[number] = index
+  return order
+
+
+def channel_file_cases(input_dir, order):
+  """[(case id, {modality key: path})] of nnU-Net-style flat files in ``input_dir``; [] when
+  there are none."""
+  cases = {}
+  for name in sorted(os.listdir(input_dir)):
+    match = CHANNEL_FILE.match(name)
+    if not match or not os.path.isfile(os.path.join(input_dir, name)):
+      continue
+    number = int(match.group('channel'))
+    if number not in order:
+      raise PredictionError(f'{os.path.join(input_dir, name)}: channel {number:04d} is not '
+                            f'in the channel order {sorted(order)} (--channels or '
+                            'dataset.json)')
+    cases.setdefault(match.group('case'), {})[MODALITY_KEYS[order[number]]] = os.path.join(
+        input_dir, name)
+  return sorted(cases.items())
+
+
+def folder_cases(input_dir, channels=None, dataset_json=None):
+  """[(case id, {modality key: path} or a PredictionError)] of every case under
+  ``input_dir``: nnU-Net-style flat files, else BraTS case folders."""
+  if not os.path.isdir(input_dir):
+    raise PredictionError(f'--input_dir {input_dir}: no such folder')
+  flat = channel_file_cases(input_dir, channel_order(channels, dataset_json, input_dir))
+  if flat:
+    return flat
+  if channels or dataset_json:
+    raise PredictionError(f'--input_dir {input_dir}: no files named CASE_0000.nii.gz '
+                          '(--channels and --dataset_json are for nnU-Net-style inputs)')
   try:
     cases = layouts.discover_cases(input_dir, 'auto')
   except layouts.DataError as e:
-    raise PredictionError(str(e)) from e
-  os.makedirs(out_dir, exist_ok=True)
-  written, failed = [], {}
-  bar = Progress(len(cases), 'predict')
+    raise PredictionError(f'{e} (or nnU-Net-style files CASE_0000.nii.gz .. '
+                          'CASE_0003.nii.gz)') from e
+  out = []
   for case in cases:
     try:
-      paths = _case_paths(case)
-      # With labels='auto' and an 'auto' config layout, the case's file names decide.
-      prediction = predict_files(model, paths, labels=labels, case_id=case.case_id, **kwargs)
-      out = os.path.join(out_dir, f'{case.case_id}.nii.gz')
-      written += write_prediction(prediction, out, save_probabilities)
+      out.append((case.case_id, _case_paths(case)))
     except PredictionError as e:
-      failed[case.case_id] = str(e)
-      logging.error('%s: %s', case.case_id, e)
+      out.append((case.case_id, e))
+  return out
+
+
+def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=False,
+                   skip_existing=False, **kwargs):
+  """Segments ``cases`` (from ``folder_cases``) into ``out_dir/<case id>.nii.gz``;
+  ``skip_existing``: not the cases whose output exists.
+  Returns (written paths, {case id: error message}, skipped case ids)."""
+  os.makedirs(out_dir, exist_ok=True)
+  written, failed, skipped = [], {}, []
+  todo = []
+  for case_id, paths in cases:
+    out = os.path.join(out_dir, f'{case_id}.nii.gz')
+    if skip_existing and os.path.exists(out):
+      skipped.append(case_id)
+    else:
+      todo.append((case_id, paths, out))
+  if skipped:
+    print(f'--continue: {len(skipped)} case(s) already segmented in {out_dir}, '
+          f'{len(todo)} to go', file=sys.stderr, flush=True)
+  # A terminal gets a bar; logs (SLURM, pipes) one line per case with its time.
+  bar = Progress(len(todo), 'predict', log_lines=False)
+  lines = not sys.stderr.isatty()
+  for case_id, paths, out in todo:
+    started = time.time()
+    try:
+      if isinstance(paths, PredictionError):
+        raise paths
+      # With labels='auto' and an 'auto' config layout, the case's file names decide.
+      prediction = predict_files(model, paths, labels=labels, case_id=case_id, **kwargs)
+      written += write_prediction(prediction, out, save_probabilities)
+      if lines:
+        print(f'{case_id}: {time.time() - started:.1f} s -> {out}', file=sys.stderr,
+              flush=True)
+    except PredictionError as e:
+      failed[case_id] = str(e)
+      logging.error('%s: %s', case_id, e)
     bar.update()
   bar.close()
-  return written, failed
+  return written, failed, skipped
 
 
-def build_parser():
-  p = argparse.ArgumentParser(
-      prog='python -m mstkd_jax.predict',
-      description='Segment brain tumours (WT/TC/ET) from any subset of FLAIR, T1, T1Gd, T2.')
-  p.add_argument('--checkpoint', required=True,
-                 help='exported student folder (--mode=export) or training workdir')
-  p.add_argument('--step', default=None,
-                 help="training workdir only: 'latest' (default), 'best' or a step number")
+COMMAND = cli.Command('python -m mstkd_jax.predict', __doc__)
+
+
+def _define_flags(fv):
+  flags.DEFINE_string('checkpoint', None, 'Exported student folder (--mode=export) or training '
+                      'workdir.', required=True, flag_values=fv)
+  flags.DEFINE_string('step', None, "Training workdir only: 'latest' (default), 'best' or a "
+                      'step number.', flag_values=fv)
   for names, what in zip(CHANNEL_OPTIONS, ('FLAIR', 'T1', 'T1Gd (T1ce)', 'T2')):
-    p.add_argument(*[f'--{n}' for n in names], dest=names[0], metavar='FILE',
-                   help=f'{what} NIfTI file')
-  p.add_argument('--input-dir', help='segment every case folder under this folder instead')
-  p.add_argument('--out', required=True,
-                 help='output .nii.gz (one patient) or folder (with --input-dir)')
-  p.add_argument('--labels', choices=LABEL_CHOICES, default='auto',
-                 help='label values to write: brats2024 (1 NETC, 2 SNFH, 3 ET) or brats2021 '
-                      '(1 NCR, 2 ED, 4 ET); auto: the checkpoint config, else the file names')
-  p.add_argument('--save-probabilities', action='store_true',
-                 help='also write the 4 sigmoid channels as float32 <out>_probs.nii.gz')
-  p.add_argument('--threshold', type=float, default=0.5)
-  p.add_argument('--overlap', type=float, default=None,
-                 help='sliding windows: overlap fraction (default config.eval.overlap, 0.5)')
-  p.add_argument('--blend', choices=('gaussian', 'uniform'), default=None)
-  p.add_argument('--batch-size', type=int, default=None, help='windows per forward pass')
-  p.add_argument('--config', default=None,
-                 help='optional configs/X.py[:variant] the checkpoint must be compatible with')
-  return p
+    flags.DEFINE_string(names[0], None, f'{what} NIfTI file (alias --{names[1]}).',
+                        flag_values=fv)
+    flags.DEFINE_alias(names[1], names[0], flag_values=fv)
+  flags.DEFINE_string('input_dir', None, 'Segment every case under this folder instead: '
+                      'BraTS case folders or nnU-Net-style CASE_0000.nii.gz .. '
+                      'CASE_0003.nii.gz.', flag_values=fv)
+  flags.DEFINE_string('channels', None, 'nnU-Net-style inputs: the modality of channel 0, 1, '
+                      f'... (default: dataset.json, else {DEFAULT_CHANNELS}).', flag_values=fv)
+  flags.DEFINE_string('dataset_json', None, 'nnU-Net dataset.json giving the channel order '
+                      '(default: one in --input_dir or its parent).', flag_values=fv)
+  flags.DEFINE_bool('continue', False, '--input_dir: skip cases whose output file exists.',
+                    flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output .nii.gz (one patient) or folder (with '
+                      '--input_dir).', required=True, flag_values=fv)
+  flags.DEFINE_enum('labels', 'auto', LABEL_CHOICES, 'Label values to write: brats2024 (1 NETC, '
+                    '2 SNFH, 3 ET) or brats2021 (1 NCR, 2 ED, 4 ET); auto: the checkpoint '
+                    'config, else the file names.', flag_values=fv)
+  flags.DEFINE_bool('save_probabilities', False, 'Also write the 4 sigmoid channels as float32 '
+                    '<out>_probs.nii.gz.', flag_values=fv)
+  flags.DEFINE_float('threshold', 0.5, 'Probability above which a region channel is on.',
+                     flag_values=fv)
+  flags.DEFINE_float('overlap', None, 'Sliding windows: overlap fraction (default '
+                     'config.eval.overlap, 0.5).', flag_values=fv)
+  flags.DEFINE_enum('blend', None, ('gaussian', 'uniform'), 'Sliding windows: how overlapping '
+                    'windows are blended (default config.eval.blend).', flag_values=fv)
+  flags.DEFINE_integer('batch_size', None, 'Windows per forward pass.', flag_values=fv)
+  flags.DEFINE_string('config', None, 'Optional configs/X.py[:variant] the checkpoint must be '
+                      'compatible with.', flag_values=fv)
+
+
+_define_flags(COMMAND.flags)
 
 
 def main(argv=None):
-  args = build_parser().parse_args(argv)
+  """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  rest = COMMAND.parse(argv)
+  if rest:
+    cli.fail(f'unexpected arguments: {" ".join(rest)}')
+  args = COMMAND.flags
   logging.set_verbosity(logging.WARNING)
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}
   used = []
@@ -292,17 +442,24 @@ def main(argv=None):
       used.append(name)
   try:
     if args.input_dir and any(options.values()):
-      raise PredictionError('give either modality files or --input-dir, not both')
+      raise PredictionError('give either modality files or --input_dir, not both')
     if not args.input_dir:
       _check_paths(options)
+    check_out(args.out, folder=bool(args.input_dir))
+    cases = (folder_cases(args.input_dir, args.channels, args.dataset_json)
+             if args.input_dir else None)
     config = load_config_file(args.config) if args.config else None
     t0 = time.time()
+    print(f'loading the network from {args.checkpoint} (the first forward pass compiles it)',
+          file=sys.stderr, flush=True)
     model = load_model(args.checkpoint, args.step, config, args.batch_size)
     kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend)
     if args.input_dir:
-      written, failed = predict_folder(model, args.input_dir, args.out, args.labels,
-                                       args.save_probabilities, **kwargs)
-      print(f'{len(written)} file(s) written to {args.out} in {time.time() - t0:.1f} s')
+      written, failed, skipped = predict_folder(
+          model, cases, args.out, args.labels, args.save_probabilities,
+          skip_existing=args['continue'].value, **kwargs)
+      print(f'{len(written)} file(s) written to {args.out} in {time.time() - t0:.1f} s'
+            + (f' ({len(skipped)} case(s) already done, skipped)' if skipped else ''))
       if failed:
         for case_id, message in failed.items():
           print(f'error: {case_id}: {message}', file=sys.stderr)
@@ -324,5 +481,10 @@ def main(argv=None):
   return 0
 
 
-if __name__ == '__main__':
+def console_main():
+  """The ``mstkd-predict`` command (``pip install .``)."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_main()

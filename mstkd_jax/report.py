@@ -12,15 +12,16 @@ Subsets are named as in ``subsets.subset_name`` ('FLAIR+T1Gd'); rows of the full
 teacher, when recorded, use the subset name ``TEACHER_SUBSET``.
 """
 
-import argparse
 import csv
 import json
 import math
 import os
 import sys
 
+from absl import flags
 import numpy as np
 
+from mstkd_jax import cli
 from mstkd_jax.metrics import BRATS_EMPTY_HD95, REGIONS
 from mstkd_jax.modalities import ALL_SUBSETS, parse_subset, subset_name
 
@@ -265,20 +266,27 @@ def _convention_beside(csv_path):
   return value if value in CONVENTION_NOTES else None
 
 
+COMMAND = cli.Command('python -m mstkd_jax.report', __doc__)
+flags.DEFINE_enum('convention', None, ('brats', 'authors'), 'HD95 convention the CSV was '
+                  'computed with (default: the one in summary.json beside the CSV).',
+                  flag_values=COMMAND.flags)
+flags.DEFINE_bool('markdown', False, 'Print the Markdown table.', flag_values=COMMAND.flags)
+flags.DEFINE_bool('wide', False, 'Plain text in the paper layout.', flag_values=COMMAND.flags)
+flags.DEFINE_string('out', None, 'Also write summary.json and table.md into this folder.',
+                    flag_values=COMMAND.flags)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog='python -m mstkd_jax.report',
-      description='Print (or rewrite) the 15-subset table from a per-case CSV.')
-  parser.add_argument('csv', help='per_case.csv with columns ' + ', '.join(CSV_COLUMNS))
-  parser.add_argument('--convention', choices=('brats', 'authors'),
-                      help='HD95 convention the CSV was computed with (default: the one in '
-                           'summary.json beside the CSV)')
-  parser.add_argument('--markdown', action='store_true', help='print the Markdown table')
-  parser.add_argument('--wide', action='store_true', help='plain text in the paper layout')
-  parser.add_argument('--out', help='also write summary.json and table.md into this folder')
-  args = parser.parse_args(argv)
-  convention = args.convention or _convention_beside(args.csv) or UNSTATED
-  summary = summarize(read_per_case_csv(args.csv), convention)
+  """``python -m mstkd_jax.report per_case.csv [flags]``; returns the exit status."""
+  rest = COMMAND.parse(argv)
+  if len(rest) != 1:
+    cli.fail('give one per_case.csv (columns ' + ', '.join(CSV_COLUMNS) + ')')
+  args, csv_path = COMMAND.flags, rest[0]
+  convention = args.convention or _convention_beside(csv_path) or UNSTATED
+  try:
+    summary = summarize(read_per_case_csv(csv_path), convention)
+  except (OSError, ValueError) as e:
+    cli.fail(cli.one_line(e))
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     write_summary_json(summary, os.path.join(args.out, 'summary.json'))
@@ -289,5 +297,10 @@ def main(argv=None):
   return 0
 
 
-if __name__ == '__main__':
+def console_main():
+  """The ``mstkd-report`` command (``pip install .``)."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_main()

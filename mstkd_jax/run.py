@@ -22,10 +22,8 @@ def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=Non
   ``eval_every_epochs`` epochs, then evaluates the 15 modality subsets on the test split."""
   os.makedirs(workdir, exist_ok=True)
   # Refuse a workdir of another config before any data work (train_loop checks again).
-  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
-  if manager.latest_step() is not None:
+  if ckpt.saved_steps(os.path.join(workdir, 'checkpoints')):
     train.check_workdir_config(config, workdir, allow_config_change)
-  manager.close()
 
   if parallel.is_main_process():
     # Process 0 writes synthetic cases, the split and the preprocessing cache; the others

@@ -31,11 +31,24 @@ from mstkd_jax import host_memory
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
 from mstkd_jax.models import build
-from mstkd_jax.logging_utils import MetricWriter, describe_memory
+from mstkd_jax.fileio import write_text_atomic
+from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
 
 
 class TrainingStopped(RuntimeError):
   """Training hit a non-finite loss (message names the step, terms, and last checkpoint)."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions): names the last good one."""
+
+  def __init__(self, step, manager, error):
+    done = [s for s in ckpt.saved_steps(manager.directory) if s != step]
+    last = (f'the last good checkpoint is step {done[-1]} in {manager.directory}' if done
+            else 'no earlier checkpoint exists')
+    super().__init__(f'saving the checkpoint of step {step} into {manager.directory} failed '
+                     f'({type(error).__name__}: {error}); {last}. Free space or fix the '
+                     'permissions, then re-run the same command to resume from it.')
 
 
 class Preempted(SystemExit):
@@ -148,7 +161,7 @@ def check_workdir_config(config, workdir, allow_change=False):
   new = json.loads(config.to_json_best_effort())
   diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
   if diffs and not allow_change:
-    raise ValueError(
+    raise ckpt.CheckpointError(
         f'{path} holds a different config (fields differing: {", ".join(diffs)}). Use a new '
         '--workdir, or pass --allow_config_change to resume anyway.')
   if diffs:
@@ -242,7 +255,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   if max_steps is not None:
     total_steps = min(total_steps, int(max_steps))
 
-  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints)
+  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'),
+                              keep=train_cfg.keep_checkpoints)
   resuming = manager.latest_step() is not None
   if resuming:
     check_workdir_config(config, workdir, allow_config_change)
@@ -250,8 +264,7 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     logging.warning('%s has a config.json but no checkpoint: starting afresh', workdir)
   parallel.sync('mstkd_config_checked')
   if parallel.is_main_process():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_text_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
   abstract = build.abstract_state(config, steps_per_epoch)
   shardings = state_shardings(config, mesh, abstract)
@@ -266,6 +279,11 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     if meta.get('best_dice') is not None:
       best_dice = float(meta['best_dice'])
     logging.info('resumed from %s at step %d', manager.directory, start)
+    if parallel.is_main_process():
+      dropped = drop_records_after(workdir, start)
+      if dropped:
+        logging.info('metrics.jsonl: dropped %d record(s) of steps after %d (lost with the '
+                     'interrupted run; they are logged again)', dropped, start)
   else:
     logging.info('building the networks and initialising the train state (compiles the '
                  'initialisation once: tens of seconds on a CPU)')
@@ -274,6 +292,13 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
                  build.count_params(state.params['teacher']),
                  build.count_params(state.params['student']),
                  build.count_params(state.disc_params))
+
+  if int(state.step) >= total_steps:
+    logging.info('training already finished: step %d of %d (raise --config.train.epochs or '
+                 '--max_steps to train on; --mode=eval re-evaluates a checkpoint)',
+                 int(state.step), total_steps)
+    manager.close()
+    return state
 
   host_memory.trim()
   logging.info('compiling the training step (teacher, student, every loss, discriminator; '
@@ -298,9 +323,18 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
 
   def save(data_state, val_dice=None, force=False):
     nonlocal last_saved
-    ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
-              val_dice=val_dice, force=force)
+    try:
+      ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
+                val_dice=val_dice, force=force)
+    except OSError as e:
+      raise CheckpointSaveError(step, manager, e) from e
     last_saved = step
+
+  def finish_saves():
+    try:
+      manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointSaveError(last_saved, manager, e) from e
 
   def fetch():
     return parallel.global_batch(next(train_iter), mesh)
@@ -354,14 +388,14 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
         if parallel.any_process(stop.signal is not None):
           if last_saved != step:
             save(data_state, force=True)
-          manager.wait_until_finished()
+          finish_saves()
           manager.close()
           stopped = Preempted(stop.signal or signal.SIGTERM, step, manager.directory)
           logging.warning('%s', stopped.message)
           raise stopped
       if last_saved != step:
         save(data_state, force=True)
-      manager.wait_until_finished()
+      finish_saves()
       manager.close()
   finally:
     progress.close()

@@ -16,19 +16,19 @@ ET red. Each prediction panel is titled with the subset and that case's Dice of 
 (over the whole box, in %).
 """
 
-import argparse
 import json
 import os
 import sys
+import time
 
-from absl import logging
+from absl import flags, logging
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 import nibabel as nib
 import numpy as np
 
-from mstkd_jax import evaluate
+from mstkd_jax import cli, evaluate
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import predict
 from mstkd_jax.data import layouts, pipeline, preprocess
@@ -197,27 +197,46 @@ def learning_curves(workdir, out=None):
   return out
 
 
+COMMAND = cli.Command('python -m mstkd_jax.visualize', __doc__)
+flags.DEFINE_string('checkpoint', None, 'Exported student folder or training workdir.',
+                    required=True, flag_values=COMMAND.flags)
+flags.DEFINE_string('step', None, "Training workdir only: 'latest', 'best' or a step.",
+                    flag_values=COMMAND.flags)
+flags.DEFINE_string('case', None, 'Case folder (BraTS 2024 or 2021 file names).',
+                    required=True, flag_values=COMMAND.flags)
+flags.DEFINE_string('out', None, 'Output image (.png, .pdf, ...).', required=True,
+                    flag_values=COMMAND.flags)
+flags.DEFINE_integer('slice', None, 'Axial slice (default: the one with the most tumour).',
+                     flag_values=COMMAND.flags)
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m mstkd_jax.visualize',
-                              description='Figure 2 of the paper for one case.')
-  p.add_argument('--checkpoint', required=True,
-                 help='exported student folder or training workdir')
-  p.add_argument('--step', default=None, help="workdir only: 'latest', 'best' or a step")
-  p.add_argument('--case', required=True, help='case folder (BraTS 2024 or 2021 file names)')
-  p.add_argument('--out', required=True, help='output image (.png, .pdf, ...)')
-  p.add_argument('--slice', type=int, default=None, help='axial slice (default: most tumour)')
-  args = p.parse_args(argv)
+  """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  rest = COMMAND.parse(argv)
+  if rest:
+    cli.fail(f'unexpected arguments: {" ".join(rest)}')
+  args = COMMAND.flags
   logging.set_verbosity(logging.WARNING)
+  started = time.time()
   try:
+    print(f'loading the network from {args.checkpoint}', file=sys.stderr, flush=True)
     model = predict.load_model(args.checkpoint, args.step)
+    print(f'segmenting {args.case} from {len(FIGURE_SUBSETS)} modality subsets (the first '
+          'forward pass compiles the network, about a minute on a CPU)', file=sys.stderr,
+          flush=True)
     figure_for_case(model.config, model.variables, args.case, args.out,
                     inference=model.inference, z=args.slice)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'Figure: {args.out}')
+  print(f'Figure: {args.out} ({time.time() - started:.0f} s)')
   return 0
 
 
-if __name__ == '__main__':
+def console_main():
+  """The ``mstkd-visualize`` command (``pip install .``)."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_main()

@@ -223,6 +223,7 @@ def test_training_checkpoint_npz_and_command_line(tiny, tmp_path):
 
 def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` fail
+  (tmp_path / 'weights.pth').write_bytes(b'PK')
   with pytest.raises(ImportError, match='pip install torch'):
     ct.load_state_dict_file(tmp_path / 'weights.pth')
 

@@ -24,7 +24,8 @@ def exported(tmp_path_factory):
 
 
 def test_export_contents_and_size(run, exported):
-  assert sorted(os.listdir(exported)) == ['config.json', 'manifest.json', 'preprocessing.json',
+  assert sorted(os.listdir(exported)) == ['config.json', 'manifest.json', 'metadata.json',
+                                          'preprocessing.json',
                                           'variables']
   with open(os.path.join(exported, 'manifest.json')) as f:
     manifest = json.load(f)
@@ -77,3 +78,28 @@ def test_export_refuses_another_config(run, exported):
     evaluate.evaluate_checkpoint(other, run.workdir, exported)
   assert 'model.init_channels: config 8, checkpoint 4' in str(info.value)
   assert 'data.input_shape' in str(info.value)
+
+
+def test_export_refuses_to_replace_an_export_without_overwrite(run, exported):
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    export.export_student(run.config, run.workdir, None, exported)
+  with open(os.path.join(exported, 'metadata.json')) as f:
+    metadata = json.load(f)
+  assert metadata['inputs']['channels'] == ['FLAIR', 'T1', 'T1Gd', 'T2']
+  assert metadata['training']['step'] == 2 and 'license' in metadata
+  assert 'research' in metadata['intended_use']
+  again = export.export_student(run.config, run.workdir, None, exported, overwrite=True)
+  assert again == exported
+
+
+def test_a_finished_run_is_not_trained_or_compiled_again(run, monkeypatch):
+  """Re-running a finished training: the state is restored, nothing is compiled."""
+  from mstkd_jax import train
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError('the training step was compiled for a finished run')
+
+  monkeypatch.setattr(train, 'compile_train_step', no_compile)
+  batches = (b for b in train.random_batches(run.config, 1))   # no iterator state
+  state = train.train_loop(run.config, run.workdir, batches, steps_per_epoch=1, max_steps=2)
+  assert int(state.step) == 2

@@ -169,6 +169,56 @@ def test_folder_mode(exported, tmp_path):
   assert set(np.unique(nib.load(str(out / 'Brats18_X_1.nii.gz')).dataobj)) <= {0, 1, 2, 4}
 
 
+def _nnunet_folder(root, case_ids=('CASE_A', 'CASE_B'), channels=(0, 1, 2, 3)):
+  """nnU-Net-style flat files CASE_000k.nii.gz made from brats2021 patients."""
+  os.makedirs(root, exist_ok=True)
+  for seed, case_id in enumerate(case_ids):
+    paths = write_patient(str(root / f'src{seed}'), (36, 36, 30), case_id, seed=seed)
+    for k, key in enumerate(KEYS_2021):
+      if k in channels:
+        os.replace(paths[key], str(root / f'{case_id}_{k:04d}.nii.gz'))
+    shutil.rmtree(str(root / f'src{seed}'))
+
+
+def test_nnunet_style_inputs_channel_order_and_dataset_json(tmp_path):
+  root = tmp_path / 'imagesTs'
+  _nnunet_folder(root, channels=(0, 3))
+  cases = predict.folder_cases(str(root))
+  assert [c for c, _ in cases] == ['CASE_A', 'CASE_B']
+  assert sorted(cases[0][1]) == ['t2f', 't2w']                     # FLAIR, T2 by default
+  cases = predict.folder_cases(str(root), channels='T2,T1,T1Gd,FLAIR')
+  assert cases[0][1]['t2w'].endswith('CASE_A_0000.nii.gz')
+  # An nnU-Net v2 dataset.json beside the folder (in its parent) gives the order.
+  (tmp_path / 'dataset.json').write_text(json.dumps(
+      {'channel_names': {'0': 'T1ce', '1': 'Flair', '2': 'T1', '3': 'T2'}}))
+  cases = predict.folder_cases(str(root))
+  assert cases[0][1]['t1c'].endswith('CASE_A_0000.nii.gz')
+  assert cases[0][1]['t2w'].endswith('CASE_A_0003.nii.gz')
+  (tmp_path / 'dataset.json').write_text(json.dumps({'channel_names': {'0': 'PD'}}))
+  with pytest.raises(predict.PredictionError, match=r"dataset.json: channel 0: unknown .*'PD'"):
+    predict.folder_cases(str(root))
+  with pytest.raises(predict.PredictionError, match='named by two channels'):
+    predict.folder_cases(str(root), channels='FLAIR,flair')
+
+
+def test_nnunet_folder_mode_and_continue(exported, tmp_path, capsys):
+  root = tmp_path / 'imagesTs'
+  _nnunet_folder(root)
+  out = tmp_path / 'segs'
+  args = ['--checkpoint', exported, '--input-dir', str(root), '--out', str(out)]
+  assert predict.main(args) == 0
+  assert sorted(os.listdir(out)) == ['CASE_A.nii.gz', 'CASE_B.nii.gz']
+  os.remove(str(out / 'CASE_B.nii.gz'))
+  before = os.stat(str(out / 'CASE_A.nii.gz')).st_mtime_ns
+  capsys.readouterr()
+  assert predict.main(args + ['--continue']) == 0
+  captured = capsys.readouterr()
+  assert '1 case(s) already segmented' in captured.err
+  assert '(1 case(s) already done, skipped)' in captured.out
+  assert os.stat(str(out / 'CASE_A.nii.gz')).st_mtime_ns == before
+  assert (out / 'CASE_B.nii.gz').exists()
+
+
 def run_cli(capsys, *argv):
   rc = predict.main(list(argv))
   return rc, capsys.readouterr().err

@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from mstkd_jax.cli import InputError
 from mstkd_jax.modalities import LEGACY_KEYS, MODALITY_KEYS
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
@@ -80,7 +81,7 @@ def get_layout(name):
   return LAYOUTS[name]
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
   """A problem with the data as a whole (root folder, split file)."""
 
 
@@ -94,7 +95,7 @@ class Problem:
     return f'{self.case}: {self.file}: {self.message}'
 
 
-class BadCaseError(ValueError):
+class BadCaseError(InputError, ValueError):
   """A case that cannot be used; carries every problem found (case, file, message)."""
 
   def __init__(self, problems):

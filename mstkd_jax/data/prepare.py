@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mstkd_jax import cli
 from mstkd_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configuration file',
@@ -27,7 +28,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  config = cli.config_flag('config')
   workdir = _WORKDIR.value
   try:
     dataset = pipeline.prepare(config, workdir, progress=True)
@@ -43,5 +44,10 @@ def main(argv):
         f'ready, {len(dataset.skipped)} skipped')
 
 
+def console_main():
+  """The ``mstkd-prepare`` command (``pip install .``)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console_main()

@@ -90,6 +90,11 @@ class RawCase:
   reference_file: str
 
 
+# The largest volume read (voxels): 1024^3, 4 GiB as float32. A BraTS volume has 9 M; a header
+# claiming more is damaged or not an MRI volume, and reading it would exhaust the memory.
+MAX_VOXELS = 1024 ** 3
+
+
 def _read_nifti(path, case_id, problems):
   """Returns (data array, image) or (None, None) after adding a problem."""
   name = os.path.basename(path)
@@ -97,6 +102,12 @@ def _read_nifti(path, case_id, problems):
     img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       problems.append(Problem(case_id, name, f'not a NIfTI image ({type(img).__name__})'))
+      return None, None
+    voxels = int(np.prod(img.shape, dtype=np.int64))
+    if voxels > MAX_VOXELS:
+      problems.append(Problem(case_id, name, f'its header claims {"x".join(map(str, img.shape))}'
+                              f' = {voxels:,} voxels, more than the {MAX_VOXELS:,} accepted: a '
+                              'damaged header or not an MRI volume'))
       return None, None
     data = np.asanyarray(img.dataobj)
   except Exception as e:  # pylint: disable=broad-except

@@ -126,9 +126,12 @@ def _register(path):
 
 def _self_check(dtype):
   """oneDNN's forward and both gradients against XLA's on a small strided case."""
+  # This process's own CPU device: in a multi-process run jax.devices()[0] may belong to
+  # another process, and nothing here may involve the other processes.
+  on_cpu = jax.local_devices(backend='cpu')[0]
   rs = np.random.RandomState(0)
-  x = jnp.asarray(rs.randn(1, 6, 5, 7, 3), dtype)
-  w = jnp.asarray(rs.randn(3, 3, 3, 3, 4) * 0.2, dtype)
+  x = jax.device_put(np.asarray(rs.randn(1, 6, 5, 7, 3), dtype), on_cpu)
+  w = jax.device_put(np.asarray(rs.randn(3, 3, 3, 3, 4) * 0.2, dtype), on_cpu)
 
   def loss(conv, x, w):
     y = conv(x, w)
@@ -137,7 +140,6 @@ def _self_check(dtype):
 
   ours = lambda x, w: conv3d(x, w, 2, 1)
   ref = lambda x, w: _lax_conv(x, w, 2, 1)
-  on_cpu = jax.devices('cpu')[0]
   with jax.default_device(on_cpu):
     (_, y1), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, ours), (0, 1),
                                              has_aux=True))(x, w)
@@ -193,6 +195,13 @@ def load():
         _STATE['reason'] = str(e)
         if mode() == 'onednn':
           raise NativeUnavailable(f'MSTKD_CONV=onednn, but: {e}') from e
+        if jax.process_count() > 1:
+          # Falling back here alone would give this process a different program from the
+          # others, and their collectives would no longer match.
+          raise NativeUnavailable(
+              f'oneDNN convolutions unavailable in process {jax.process_index()} of a '
+              f'multi-process run ({str(e).splitlines()[0]}); set MSTKD_CONV=xla for every '
+              'process') from e
         logging.warning('oneDNN convolutions unavailable, using XLA\'s (slower on the CPU): %s',
                         str(e).splitlines()[0])
       else:

@@ -1,0 +1,131 @@
+"""The command lines as a user meets them: one-line errors with exit status 2, nothing left
+behind, short help, and the edges of issue 9 (subprocesses, as a user runs them)."""
+
+import json
+import logging as py_logging
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mstkd_jax import logging_utils
+from mstkd_jax.data import preprocess
+from mstkd_jax.data.layouts import Problem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=300, **env):
+  environ = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **env)
+  environ.pop('MSTKD_TRACEBACK', None)
+  return subprocess.run([sys.executable, '-m'] + args, capture_output=True, text=True,
+                        cwd=ROOT, env=environ, timeout=timeout)
+
+
+def _one_error_line(proc):
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith('error: ')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_missing_config_file(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = _run(['mstkd_jax.main', '--config=configs/nope.py', f'--workdir={workdir}'])
+  assert proc.returncode == 2
+  assert 'configs/nope.py' in _one_error_line(proc)
+  assert not workdir.exists()
+
+
+def test_misspelt_config_field_keeps_the_hint(tmp_path):
+  proc = _run(['mstkd_jax.main', '--config=configs/brats.py:tiny',
+               '--config.train.epochz=3', f'--workdir={tmp_path / "run"}'])
+  assert proc.returncode == 2
+  line = _one_error_line(proc)
+  assert 'epochz' in line and 'did you mean "epochs"' in line.lower()
+
+
+def test_missing_data_root_leaves_no_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = _run(['mstkd_jax.main', '--config=configs/brats.py:tiny', f'--workdir={workdir}',
+               '--config.data.root=/nonexistent/brats'])
+  assert proc.returncode == 2
+  assert '/nonexistent/brats' in _one_error_line(proc)
+  assert not workdir.exists()
+
+
+def test_convert_missing_state_dict_says_so(tmp_path):
+  proc = _run(['mstkd_jax.convert_torch', '--state-dict', str(tmp_path / 'missing.pth'),
+               '--config=configs/brats.py:tiny', '--out', str(tmp_path / 'out')])
+  assert proc.returncode == 2
+  line = _one_error_line(proc)
+  assert 'no such file' in line and 'pickle' not in line
+  assert not (tmp_path / 'out').exists()
+
+
+def test_convert_help_is_short_and_plain():
+  proc = _run(['mstkd_jax.convert_torch', '--help'])
+  assert proc.returncode == 0
+  head = proc.stdout.split('flags:')[0]
+  assert proc.stdout.count('\nflags:') == 1
+  assert ':func:' not in head and 'SPEC' not in head and len(head.splitlines()) < 15
+  assert '--state_dict' in proc.stdout or '--state-dict' in proc.stdout
+
+
+@pytest.mark.parametrize('out', ['noext', 'folder'])
+def test_predict_refuses_an_output_that_is_not_a_nifti_file(tmp_path, out):
+  image = tmp_path / 'flair.nii.gz'
+  nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), str(image))
+  target = tmp_path / out
+  if out == 'folder':
+    target.mkdir()
+  proc = _run(['mstkd_jax.predict', '--checkpoint', str(tmp_path), '--flair', str(image),
+               '--out', str(target)])
+  assert proc.returncode == 2
+  assert '--out' in _one_error_line(proc)
+  assert sorted(os.listdir(tmp_path)) == sorted(['flair.nii.gz'] + (['folder'] if out ==
+                                                                     'folder' else []))
+
+
+def test_a_header_claiming_a_huge_volume_is_refused_before_reading(tmp_path):
+  """4096^3 voxels in the header, a few bytes of data: a clear problem, no MemoryError."""
+  header = nib.Nifti1Header()
+  header.set_data_shape((4096, 4096, 4096))
+  header.set_data_dtype(np.float32)
+  path = tmp_path / 'huge.nii'
+  with open(path, 'wb') as f:
+    header.write_to(f)
+    f.write(b'\0' * 64)
+  problems = []
+  data, img = preprocess._read_nifti(str(path), 'case', problems)  # pylint: disable=protected-access
+  assert data is None and img is None
+  assert len(problems) == 1 and isinstance(problems[0], Problem)
+  assert '4096x4096x4096' in problems[0].message and 'header' in problems[0].message
+
+
+def test_metrics_of_steps_lost_in_a_crash_are_dropped_on_resume(tmp_path):
+  lines = [json.dumps({'step': s, 'total': 1.0 / s}) for s in range(1, 6)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 6, "tot')
+  assert logging_utils.drop_records_after(str(tmp_path), 3) == 3
+  kept = [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text()
+          .splitlines()]
+  assert kept == [1, 2, 3]
+  assert logging_utils.drop_records_after(str(tmp_path), 3) == 0
+
+
+def test_library_info_lines_are_hidden_but_their_warnings_pass():
+  handler_filter = logging_utils._LibraryInfoFilter(('orbax', 'jax'))  # pylint: disable=protected-access
+
+  def record(path, level):
+    return py_logging.LogRecord('x', level, path, 1, 'message', None, None)
+
+  assert not handler_filter.filter(record('/site-packages/orbax/checkpoint/x.py', py_logging.INFO))
+  assert not handler_filter.filter(record('/site-packages/jax/_src/xla_bridge.py',
+                                          py_logging.INFO))
+  assert handler_filter.filter(record('/site-packages/orbax/checkpoint/x.py',
+                                      py_logging.WARNING))
+  assert handler_filter.filter(record('/work/mstkd_jax/train.py', py_logging.INFO))

@@ -1,0 +1,184 @@
+"""evaluate_folder (scores any tool's segmentations) and the BraTS 2023+ lesion-wise metrics,
+against cases small enough to compute by hand."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mstkd_jax import evaluate_folder, lesionwise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cube(mask, corner, size):
+  x, y, z = corner
+  mask[x:x + size, y:y + size, z:z + size] = True
+
+
+# ---- lesion-wise, by hand ----
+
+def test_lesion_wise_hit_miss_false_positive_and_small_lesion():
+  """Reference: A (4^3 = 64 voxels), C (64, missed), S (2^3 = 8 <= 50 mm^3: left out).
+  Prediction: exactly A, a component touching S (neither scored nor a false positive), and
+  one far from everything (a false positive). By the definition:
+  Dice = (1 + 0) / (2 kept lesions + 1 FP) = 1/3, HD95 = (0 + 374 + 374) / 3."""
+  true = np.zeros((40, 40, 40), bool)
+  pred = np.zeros_like(true)
+  _cube(true, (2, 2, 2), 4)
+  _cube(true, (20, 20, 20), 4)
+  _cube(true, (2, 30, 2), 2)
+  _cube(pred, (2, 2, 2), 4)
+  _cube(pred, (2, 31, 2), 2)        # overlaps S
+  _cube(pred, (34, 2, 34), 3)       # far away
+  s = lesionwise.lesion_wise(pred, true, spacing=(1, 1, 1), dilation=3, min_volume=50)
+  assert (s.num_tp, s.num_fn, s.num_fp) == (1, 1, 1)
+  assert s.dice == pytest.approx(1 / 3)
+  assert s.hd95 == pytest.approx(2 * 374 / 3)
+  assert [lesion[0] for lesion in s.lesions] == [64.0, 64.0]
+
+
+def test_lesion_wise_partial_overlap_and_merged_predictions():
+  """One reference lesion (x = 2..5, 4^3 voxels) met by two predicted pieces (x = 2..3 and
+  x = 5..6): their union is scored. Union 64 voxels, of which x = 2, 3, 5 meet the reference
+  (48): Dice = 2 * 48 / (64 + 64) = 0.75; no false positive."""
+  true = np.zeros((20, 20, 20), bool)
+  pred = np.zeros_like(true)
+  _cube(true, (2, 2, 2), 4)                     # x in 2..5
+  pred[2:4, 2:6, 2:6] = True                    # x = 2, 3
+  pred[5:7, 2:6, 2:6] = True                    # x = 5, 6 (a separate component)
+  s = lesionwise.lesion_wise(pred, true, spacing=1.0, dilation=3, min_volume=50)
+  assert (s.num_tp, s.num_fn, s.num_fp) == (1, 0, 0)
+  assert s.dice == pytest.approx(0.75)
+
+
+def test_nearby_reference_components_are_one_lesion():
+  """Two 4^3 components 2 voxels apart merge under the dilation (3), not without it."""
+  true = np.zeros((30, 30, 30), bool)
+  _cube(true, (2, 2, 2), 4)
+  _cube(true, (8, 2, 2), 4)
+  pred = true.copy()
+  merged = lesionwise.lesion_wise(pred, true, dilation=3, min_volume=50)
+  apart = lesionwise.lesion_wise(pred, true, dilation=0, min_volume=50)
+  assert len(merged.lesions) == 1 and len(apart.lesions) == 2
+  assert merged.dice == pytest.approx(1.0) and apart.dice == pytest.approx(1.0)
+
+
+def test_lesion_wise_empty_cases_and_spacing():
+  empty = np.zeros((10, 10, 10), bool)
+  s = lesionwise.lesion_wise(empty, empty)
+  assert (s.dice, s.hd95) == (1.0, 0.0)
+  one = empty.copy()
+  _cube(one, (2, 2, 2), 4)       # 64 voxels: kept at 1 mm, left out at 0.5 mm (8 mm^3)
+  assert lesionwise.lesion_wise(empty, one, spacing=1.0).num_fn == 1
+  small = lesionwise.lesion_wise(empty, one, spacing=0.5)
+  assert (small.num_fn, small.dice, small.hd95) == (0, 1.0, 0.0)
+  with pytest.raises(ValueError, match='unknown challenge'):
+    lesionwise.challenge_parameters('BraTS-XYZ')
+
+
+# ---- the command ----
+
+def _write(path, labels, zooms=(1.0, 1.0, 1.0)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  affine = np.diag(list(zooms) + [1.0])
+  nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine), path)
+
+
+def _reference_case(with_et=True):
+  seg = np.zeros((24, 24, 24), np.uint8)
+  seg[4:12, 4:12, 4:12] = 2                 # oedema
+  seg[6:10, 6:10, 6:10] = 1                 # core
+  if with_et:
+    seg[7:9, 7:9, 7:9] = 4                  # enhancing (BraTS 2021 code)
+  return seg
+
+
+def test_evaluate_folder_scores_case_folders_and_writes_the_report(tmp_path):
+  ref, pred, out = tmp_path / 'ref', tmp_path / 'pred', tmp_path / 'out'
+  seg = _reference_case()
+  _write(str(ref / 'Case_001' / 'Case_001_seg.nii.gz'), seg)
+  _write(str(ref / 'Case_001' / 'Case_001_flair.nii.gz'), seg * 0 + 1)
+  _write(str(ref / 'Case_002' / 'Case_002_seg.nii.gz'), seg)
+  _write(str(pred / 'Case_001.nii.gz'), seg)                     # perfect
+  worse = seg.copy()
+  worse[worse == 4] = 1                                           # ET missed
+  _write(str(pred / 'Case_002.nii.gz'), worse)
+  _write(str(pred / 'Other.nii.gz'), seg)                         # no reference: skipped
+  summary = evaluate_folder.evaluate_folder(str(pred), str(ref), str(out), lesion_wise=True,
+                                            log=lambda *_: None)
+  assert summary['num_cases'] == 2
+  assert summary['regions']['WT']['dice']['mean'] == pytest.approx(1.0)
+  assert summary['regions']['ET']['dice']['mean'] == pytest.approx(0.5)
+  with open(out / 'per_case.csv') as f:
+    rows = list(csv.DictReader(f))
+  et = {r['case']: float(r['dice']) for r in rows if r['region'] == 'ET'}
+  assert et == {'Case_001': 1.0, 'Case_002': 0.0}
+  with open(out / 'lesion_wise.csv') as f:
+    lesions = list(csv.DictReader(f))
+  # ET of 8 voxels is below the 50 mm^3 threshold: no lesion counted for either case.
+  assert {r['case']: float(r['lesion_dice']) for r in lesions if r['region'] == 'WT'} == {
+      'Case_001': 1.0, 'Case_002': 1.0}
+  assert json.load(open(out / 'summary.json'))['lesion_wise']['WT']['num_tp'] == 2
+  assert 'Lesion-wise Dice' in (out / 'table.md').read_text()
+
+
+def test_evaluate_folder_flat_reference_and_brats2024_labels(tmp_path):
+  seg = _reference_case()
+  seg[seg == 4] = 3
+  _write(str(tmp_path / 'labelsTr' / 'BraTS-GLI-00001-000.nii.gz'), seg, zooms=(2, 2, 2))
+  _write(str(tmp_path / 'pred' / 'BraTS-GLI-00001-000.nii.gz'), seg, zooms=(2, 2, 2))
+  summary = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'labelsTr'),
+                                            str(tmp_path / 'out'), log=lambda *_: None)
+  assert summary['regions']['ET']['dice']['mean'] == pytest.approx(1.0)
+  assert summary['regions']['ET']['hd95']['mean'] == 0.0
+
+
+def test_evaluate_folder_errors_name_the_files(tmp_path):
+  seg = _reference_case()
+  _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg)
+  _write(str(tmp_path / 'ref' / 'B.nii.gz'), seg)
+  _write(str(tmp_path / 'pred' / 'A.nii.gz'), seg)
+  kwargs = dict(log=lambda *_: None)
+  with pytest.raises(evaluate_folder.EvaluationInputError, match='no prediction for 1 of 2.*B'):
+    evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                    str(tmp_path / 'o'), **kwargs)
+  _write(str(tmp_path / 'pred' / 'B.nii.gz'), seg[:20])
+  with pytest.raises(evaluate_folder.EvaluationInputError, match='B.nii.gz: shape'):
+    evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                    str(tmp_path / 'o'), **kwargs)
+  bad = seg.copy()
+  bad[0, 0, 0] = 7
+  _write(str(tmp_path / 'pred' / 'B.nii.gz'), bad)
+  with pytest.raises(evaluate_folder.EvaluationInputError, match='B.nii.gz: label values 7'):
+    evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                    str(tmp_path / 'o'), **kwargs)
+
+
+def _run(args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('MSTKD_TRACEBACK', None)
+  return subprocess.run([sys.executable, '-m', 'mstkd_jax.evaluate_folder'] + args,
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_evaluate_folder_command(tmp_path):
+  seg = _reference_case()
+  _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg)
+  _write(str(tmp_path / 'pred' / 'A.nii.gz'), seg)
+  proc = _run(['--pred', str(tmp_path / 'pred'), '--ref', str(tmp_path / 'ref'),
+               '--lesion-wise'])
+  assert proc.returncode == 0, proc.stderr
+  assert '| WT | 100.00' in proc.stdout
+  assert (tmp_path / 'pred' / 'evaluation' / 'lesion_wise.csv').exists()
+  proc = _run(['--pred', str(tmp_path / 'nothing'), '--ref', str(tmp_path / 'ref')])
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: --pred')
+  assert 'Traceback' not in proc.stderr
+  proc = _run(['--help'])
+  assert proc.returncode == 0 and '--lesion_wise' in proc.stdout and '``' not in proc.stdout
