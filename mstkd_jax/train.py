@@ -43,6 +43,10 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (disk full, permissions): names the last good one."""
 
   def __init__(self, step, manager, error):
+    try:
+      manager.wait_until_finished()      # the earlier saves still in flight count as good
+    except Exception:  # pylint: disable=broad-except
+      pass
     done = [s for s in ckpt.saved_steps(manager.directory) if s != step]
     last = (f'the last good checkpoint is step {done[-1]} in {manager.directory}' if done
             else 'no earlier checkpoint exists')

@@ -106,3 +106,36 @@ def test_main_refuses_a_workdir_of_another_config(tmp_path):
   assert proc.returncode != 0
   assert 'holds a different config' in proc.stderr
   assert '--allow_config_change' in proc.stderr
+
+
+_FAILING_SAVE = '''
+import errno, sys
+from mstkd_jax import checkpoint, main
+original = checkpoint.save
+def save(manager, step, *args, **kwargs):
+  if step >= 2:
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  return original(manager, step, *args, **kwargs)
+checkpoint.save = save
+sys.argv = ['mstkd_jax.main'] + sys.argv[1:]
+main.console_main()
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_save_names_the_last_good_one(tmp_path):
+  """A save that fails (here: disk full from step 2 on) ends the command with one line that
+  names the failed step and the last good checkpoint, exit status 4, no traceback."""
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(
+      [os.sys.executable, '-c', _FAILING_SAVE, '--config=configs/brats.py:tiny',
+       f'--workdir={workdir}', '--config.train.checkpoint_every=1', '--max_steps=3'],
+      cwd=helpers_scale.ROOT, env=helpers_scale.helper_env(1), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 4, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'saving the checkpoint of step 2' in errors[0]
+  assert 'No space left on device' in errors[0]
+  assert 'the last good checkpoint is step 1' in errors[0]
+  assert (workdir / 'checkpoints' / '1').is_dir()

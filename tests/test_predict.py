@@ -4,6 +4,7 @@ mode, the figure, and every error the command reports."""
 
 import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -214,6 +215,9 @@ def test_nnunet_folder_mode_and_continue(exported, tmp_path, capsys):
   assert predict.main(args + ['--continue']) == 0
   captured = capsys.readouterr()
   assert '1 case(s) already segmented' in captured.err
+  # Not a terminal (as in a SLURM log): one line per case with its time.
+  assert re.search(r'^CASE_B: [0-9.]+ s -> .*CASE_B.nii.gz$', captured.err, re.M)
+  assert 'CASE_A:' not in captured.err
   assert '(1 case(s) already done, skipped)' in captured.out
   assert os.stat(str(out / 'CASE_A.nii.gz')).st_mtime_ns == before
   assert (out / 'CASE_B.nii.gz').exists()
