@@ -11,7 +11,6 @@ settings are not redone; training does the same automatically on first use.
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -19,23 +18,27 @@ from ml_collections import config_flags
 from mstkd_jax import cli
 from mstkd_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'configuration file',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run folder (split.json, cache)')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+def _define_flags():
+  # Defined when the command runs, not on import: main.py defines --config and --workdir in
+  # the same global flag registry.
+  config_flags.DEFINE_config_file('config', None, 'Python config file '
+                                  '(configs/*.py[:variant]).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run folder (split.json, cache).')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.config_flag('config')
-  workdir = _WORKDIR.value
+  workdir = flags.FLAGS.workdir
   try:
     dataset = pipeline.prepare(config, workdir, progress=True)
   except (pipeline.BadCaseError, pipeline.DataError) as e:
-    logging.error('%s', e)
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+    if cli.show_tracebacks():
+      raise
+    cli.fail(cli.one_line(e))
   split = dataset.split
   logging.info('Cache %s: %d cases ready, %d skipped', dataset.cache_folder,
                len(dataset.entries), len(dataset.skipped))
@@ -46,6 +49,7 @@ def main(argv):
 
 def console_main():
   """The ``mstkd-prepare`` command (``pip install .``)."""
+  _define_flags()
   cli.run(main)
 
 

@@ -1,0 +1,53 @@
+r"""Build the split and the preprocessing cache ahead of training.
+
+  python -m mstkd_jax.data.prepare --config=configs/brats.py --workdir=/tmp/run \
+      --config.data.root=/data/BraTS2024-GLI [--config.data.workers=8]
+
+Writes ``<workdir>/split.json`` (unless the config names a split file) and preprocesses every
+case of the split into the cache (``config.data.cache_dir``, default ``<workdir>/cache``) with
+``config.data.workers`` processes and a progress bar. Cases already cached with the same
+settings are not redone; training does the same automatically on first use.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mstkd_jax import cli
+from mstkd_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configuration file',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run folder (split.json, cache)')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = cli.config_flag('config')
+  workdir = _WORKDIR.value
+  try:
+    dataset = pipeline.prepare(config, workdir, progress=True)
+  except (pipeline.BadCaseError, pipeline.DataError) as e:
+    logging.error('%s', e)
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(1)
+  split = dataset.split
+  logging.info('Cache %s: %d cases ready, %d skipped', dataset.cache_folder,
+               len(dataset.entries), len(dataset.skipped))
+  print(f'split: train {len(split["train"])} / val {len(split["val"])} / '
+        f'test {len(split["test"])}; cache {dataset.cache_folder}: {len(dataset.entries)} cases '
+        f'ready, {len(dataset.skipped)} skipped')
+
+
+def console_main():
+  """The ``mstkd-prepare`` command (``pip install .``)."""
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

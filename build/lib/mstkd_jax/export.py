@@ -1,0 +1,113 @@
+"""``--mode=export``: the student alone, for evaluation and prediction.
+
+    python -m mstkd_jax.main --config=configs/brats.py --workdir=runs/brats --mode=export \
+        [--checkpoint=best] [--out=runs/brats/student]
+
+writes (default ``<workdir>/export``):
+
+  variables/          Orbax checkpoint of the student's {'params', 'batch_stats'} (no teacher,
+                      discriminator or optimiser states: about 1/6 of a training checkpoint)
+  config.json         the full training config (model size, input shape, label layout, ...)
+  preprocessing.json  what a new patient needs before the network: input shape, intensity
+                      normalisation, voxel spacing, channel order
+  manifest.json       what this folder is and where it came from (workdir, step)
+
+``python -m mstkd_jax.main --mode=eval --checkpoint=<export folder>`` and
+``python -m mstkd_jax.predict --checkpoint <export folder>`` accept it.
+"""
+
+import json
+import os
+
+from absl import logging
+import jax
+
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax.data import pipeline
+from mstkd_jax.fileio import write_json_atomic
+from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
+
+def preprocessing_settings(config):
+  """The preprocessing a new patient needs, as a JSON-ready dict."""
+  settings = pipeline.settings(config).as_dict()
+  settings.update(channels=list(MODALITIES), channel_keys=list(MODALITY_KEYS),
+                  layout=config.data.layout, missing_modality='zero channel')
+  return settings
+
+
+def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
+  """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
+  ``out`` (default ``<workdir>/export``); an existing export there is replaced only with
+  ``overwrite``. Returns the folder."""
+  out = os.path.abspath(out or os.path.join(workdir, 'export'))
+  if os.path.exists(os.path.join(out, 'variables')) and not overwrite:
+    raise FileExistsError(f'{out} already holds an export; pass --overwrite to replace it')
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: nothing to export')
+  manager = ckpt.make_manager(directory, read_only=True)
+  step = ckpt.resolve_step(manager, checkpoint)
+  manager.close()
+  variables = ckpt.load_networks(config, workdir, str(step), ('student',)).networks['student']
+  source = f'{os.path.abspath(workdir)} step {step}'
+  ckpt.save_network(out, variables, config, network='student', source=source, overwrite=True)
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(out, 'preprocessing.json'), preprocessing_settings(config),
+                      indent=2)
+    write_json_atomic(os.path.join(out, 'metadata.json'), metadata(config, workdir, step),
+                      indent=2)
+    manifest_path = os.path.join(out, ckpt.EXPORT_MANIFEST)
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    manifest.update(workdir=os.path.abspath(workdir), step=int(step),
+                    which=checkpoint or 'latest')
+    write_json_atomic(manifest_path, manifest, indent=2)
+  size = folder_bytes(out)
+  train_size = folder_bytes(os.path.join(directory, str(step)))
+  logging.info('exported the student of %s to %s: %.1f MB (training checkpoint %.1f MB)',
+               source, out, size / 1e6, train_size / 1e6)
+  print(f'Exported the student ({source}) to {out}: {size / 1e6:.1f} MB, the training '
+        f'checkpoint is {train_size / 1e6:.1f} MB.', flush=True)
+  return out
+
+
+def metadata(config, workdir, step):
+  """What the exported network is, in the spirit of a MONAI bundle's metadata.json."""
+  loss_cfg = config.loss
+  distilled = bool(loss_cfg.lambda_mstkd or loss_cfg.lambda_logit or loss_cfg.lambda_gsme
+                   or loss_cfg.content_weight)
+  try:
+    from importlib.metadata import version
+    package_version = version('mstkd-jax')
+  except Exception:  # pylint: disable=broad-except
+    package_version = 'unknown (not installed as a package)'
+  return {
+      'name': 'MST-KDNet student' if distilled else 'student trained without distillation',
+      'method': 'MST-KDNet (Zhu, Chen et al., MICCAI 2025), JAX/Flax implementation mstkd-jax',
+      'version': package_version,
+      'task': '3D brain tumour segmentation (WT, TC, ET) from any subset of FLAIR, T1, T1Gd, T2',
+      'inputs': {'channels': list(MODALITIES), 'file_keys': list(MODALITY_KEYS),
+                 'missing_modality': 'a channel of zeros',
+                 'input_shape': list(config.data.input_shape),
+                 'spacing_mm': config.data.spacing, 'normalization': config.data.normalization},
+      'outputs': {'channels': ['NETC/NCR', 'SNFH/ED', 'ET', 'background'],
+                  'activation': 'independent sigmoids', 'threshold': 0.5,
+                  'label_conventions': {'brats2024': {'NETC': 1, 'SNFH': 2, 'ET': 3},
+                                        'brats2021': {'NCR': 1, 'ED': 2, 'ET': 4}}},
+      'training': {'workdir': os.path.abspath(workdir), 'step': int(step),
+                   'data_root': str(config.data.root or 'synthetic cases'),
+                   'epochs': int(config.train.epochs)},
+      'intended_use': 'research only; not a medical device, not for clinical decisions',
+      'license': 'set by the owner of the training data and weights (fill in before sharing)',
+  }
+
+
+def folder_bytes(path):
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total

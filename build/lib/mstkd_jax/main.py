@@ -1,0 +1,88 @@
+"""Command line: ``python -m mstkd_jax.main --config=configs/brats.py --workdir=DIR [--mode=...]``.
+
+Modes: ``train`` (default; trains, validates periodically, then evaluates the 15 modality
+subsets on the test split), ``eval`` (15-subset evaluation of a checkpoint), ``export`` (the
+student alone, for evaluation and prediction).
+
+Every local device is used (data parallelism). Several processes (hosts) join through
+``--coordinator/--num_processes/--process_id``, the ``MSTKD_*`` or ``JAX_*`` variables, or a
+SLURM job step (docs/scaling.md). Exit status: 0 done; 2 a usage or input error (one line
+``error: ...``; ``MSTKD_TRACEBACK=1`` shows the traceback; a workdir this command created is
+removed again); 128 + signal after SIGTERM / SIGINT (a checkpoint was saved: re-run the same
+command to resume); 3 after a non-finite loss; 4 when a checkpoint could not be written (the
+message names the last good one).
+"""
+
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from mstkd_jax import cli, evaluate, export, logging_utils, parallel, run, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
+                    'number, or a path to an exported student / converted network.')
+flags.DEFINE_string('out', None, 'export: output folder (default <workdir>/export).')
+flags.DEFINE_string('split', 'test', "eval: which split to evaluate ('test' or 'val').")
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir whose config.json differs from --config.')
+flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
+flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
+flags.DEFINE_bool('verbose_libraries', False, 'Show the INFO lines of Orbax and grain.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS.verbose_libraries:
+    logging_utils.quiet_libraries()
+  config = cli.config_flag('config')
+  guard = cli.FolderGuard(FLAGS.workdir)
+  try:
+    run_mode(config)
+  except (cli.InputError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    if cli.show_tracebacks():
+      raise
+    guard.cleanup()
+    cli.fail(cli.one_line(e))
+
+
+def run_mode(config):
+  parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
+                                        FLAGS.process_id)
+  if FLAGS.mode == 'train':
+    try:
+      run.train_and_evaluate(config, FLAGS.workdir,
+                               allow_config_change=FLAGS.allow_config_change,
+                               max_steps=FLAGS.max_steps)
+    except train.TrainingStopped as e:
+      logging.error('%s', e)
+      sys.exit(3)
+    except train.CheckpointSaveError as e:
+      if cli.show_tracebacks():
+        raise
+      cli.fail(str(e), status=4)
+  elif FLAGS.mode == 'eval':
+    evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)
+  elif FLAGS.mode == 'export':
+    path = export.export_student(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out,
+                                 overwrite=FLAGS.overwrite)
+    logging.info('exported the student to %s', path)
+
+
+def console_main():
+  """The ``mstkd-train`` command (``pip install .``): ``python -m mstkd_jax.main``."""
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,465 @@
+"""Training: state set-up, the compiled step, the loop, logging, checkpoints, resume.
+
+``train_loop(config, workdir, train_iter, steps_per_epoch, validate=...)`` trains; the face that
+wires a run (``mstkd_jax.run.train_and_evaluate``, what ``python -m mstkd_jax.main`` runs)
+gives it the data and the validator (a callback: training imports nothing from evaluation).
+Resume order: the workdir's latest checkpoint, else a fresh start. Re-running the same
+command with the same workdir continues exactly where it stopped (state, data order), and
+refuses when the workdir was trained with a different config (``allow_config_change``).
+
+Faults: SIGTERM / SIGINT finish the current step, save a checkpoint and exit with status
+128 + signal (``Preempted``); a non-finite loss stops training (``TrainingStopped``, naming the
+step, the offending terms and the last good checkpoint) or, with ``train.nan_policy='skip'``,
+skips that update. Checkpoints are atomic, so a kill -9 leaves the previous one usable.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import host_memory
+from mstkd_jax import parallel
+from mstkd_jax import step as step_lib
+from mstkd_jax.models import build
+from mstkd_jax.fileio import write_text_atomic
+from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
+
+
+class TrainingStopped(RuntimeError):
+  """Training hit a non-finite loss (message names the step, terms, and last checkpoint)."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions): names the last good one."""
+
+  def __init__(self, step, manager, error):
+    try:
+      manager.wait_until_finished()      # the earlier saves still in flight count as good
+    except Exception:  # pylint: disable=broad-except
+      pass
+    done = [s for s in ckpt.saved_steps(manager.directory) if s != step]
+    last = (f'the last good checkpoint is step {done[-1]} in {manager.directory}' if done
+            else 'no earlier checkpoint exists')
+    super().__init__(f'saving the checkpoint of step {step} into {manager.directory} failed '
+                     f'({type(error).__name__}: {error}); {last}. Free space or fix the '
+                     'permissions, then re-run the same command to resume from it.')
+
+
+class Preempted(SystemExit):
+  """A signal stopped training after a checkpoint was saved; exit status 128 + signal."""
+
+  def __init__(self, signum, step, directory):
+    super().__init__(128 + signum)
+    self.signum, self.step, self.directory = signum, step, directory
+    self.message = (f'stopped by signal {signum} ({signal.Signals(signum).name}) after step '
+                    f'{step}; checkpoint saved in {directory}. Re-run the same command to '
+                    'resume.')
+
+  def __str__(self):
+    return self.message
+
+
+def state_shardings(config, mesh, abstract_state):
+  """Replicated state, or split over the ``data`` axis with ``config.train.shard_state``."""
+  shard = bool(config.train.get('shard_state', False))
+  return parallel.state_shardings(abstract_state, mesh, shard=shard)
+
+
+def create_state(config, mesh, steps_per_epoch, shardings=None):
+  """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
+
+  One process: initialised by one program whose outputs already have ``shardings`` (no host
+  copy: the state of the full-size model is 3.5 GiB). Several processes: initialised on one
+  device of each, brought to the host and copied to the devices, so that every process
+  computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
+  jax.random's values do not depend on how an array is sharded, so both give the same state.
+  """
+  init = functools.partial(build.init_state, config, steps_per_epoch=steps_per_epoch)
+  if shardings is None:
+    shardings = state_shardings(config, mesh, build.abstract_state(config, steps_per_epoch))
+  if jax.process_count() == 1:
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
+  return parallel.host_to_global(host, shardings)
+
+
+def batch_struct(config, global_batch_size, mesh):
+  shape = build.input_shape(config, global_batch_size)
+  label_shape = shape[:-1] + (config.model.num_classes,)
+  sharding = parallel.batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+          'label': jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=sharding)}
+
+
+# Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
+# second train_loop in the same process (tests, notebooks) does not compile again.
+_COMPILED = {}
+
+
+def compile_train_step(config, mesh, steps_per_epoch, abstract_state, global_batch_size,
+                       shardings=None):
+  """Lowers and compiles the training step ahead of time for these shapes and shardings.
+
+  The state is donated; the batch is sharded over ``data``; the key and the metrics are
+  replicated. Returns the compiled executable: call it as
+  ``compiled(state, batch, rng) -> (state, metrics)``.
+  """
+  if shardings is None:
+    shardings = state_shardings(config, mesh, abstract_state)
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+         int(steps_per_epoch), int(global_batch_size), repr(jax.tree.leaves(shardings)))
+  if key in _COMPILED:
+    return _COMPILED[key]
+  rep = parallel.replicated(mesh)
+  fn = jax.jit(functools.partial(step_lib.train_step, config=config,
+                                 steps_per_epoch=steps_per_epoch),
+               in_shardings=(shardings, parallel.batch_sharding(mesh), rep),
+               out_shardings=(shardings, rep), donate_argnums=(0,))
+  state_struct = ckpt.abstract_like(abstract_state, shardings)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+  compiled = fn.lower(state_struct, batch_struct(config, global_batch_size, mesh), rng).compile()
+  _COMPILED[key] = compiled
+  return compiled
+
+
+# Fields that may change between a run and its resumption: how long, how often to log,
+# validate and save, how to react to NaNs, how the work is spread over devices and workers.
+_RESUMABLE_CHANGES = {
+    'train': ('epochs', 'log_every', 'checkpoint_every', 'eval_every_epochs',
+              'keep_checkpoints', 'nan_policy', 'shard_state'),
+    'data': ('workers', 'worker_kind', 'cache_dir'),
+}
+
+
+def _config_for_comparison(config_dict):
+  """The parts of a config that must match to resume (not run length, logging, evaluation,
+  or how the work is spread)."""
+  d = json.loads(json.dumps(config_dict))
+  for section, keys in _RESUMABLE_CHANGES.items():
+    for key in keys:
+      d.get(section, {}).pop(key, None)
+  d.pop('eval', None)
+  return d
+
+
+def check_workdir_config(config, workdir, allow_change=False):
+  """Compares ``config`` with the workdir's ``config.json``; returns the differing fields.
+
+  Raises ValueError when a field that changes training differs, unless ``allow_change``.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
+  if diffs and not allow_change:
+    raise ckpt.CheckpointError(
+        f'{path} holds a different config (fields differing: {", ".join(diffs)}). Use a new '
+        '--workdir, or pass --allow_config_change to resume anyway.')
+  if diffs:
+    logging.warning('resuming with a changed config (allowed): %s', ', '.join(diffs))
+  return diffs
+
+
+def _diff_keys(a, b, prefix=''):
+  out = []
+  for k in set(a) | set(b):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff_keys(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      out.append(prefix + k)
+  return out
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signal = signum
+    logging.warning('received signal %d: finishing this step, then saving a checkpoint',
+                    signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def _data_state(train_iter):
+  """The iterator's position as a JSON-able value (grain's bytes become a string)."""
+  get_state = getattr(train_iter, 'get_state', None)
+  if get_state is None:
+    return None
+  state = get_state()
+  if isinstance(state, (bytes, bytearray)):
+    return {'bytes': state.decode('utf-8')}
+  return {'value': state}
+
+
+def _restore_data_state(train_iter, data_state):
+  """Puts the iterator back where the checkpoint was taken; False if it cannot."""
+  if not data_state or not hasattr(train_iter, 'set_state'):
+    return False
+  if 'bytes' in data_state:
+    train_iter.set_state(data_state['bytes'].encode('utf-8'))
+  else:
+    train_iter.set_state(data_state['value'])
+  return True
+
+
+def _summarise(metrics):
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
+               validate: Optional[Callable] = None, allow_config_change=False,
+               max_steps: Optional[int] = None, mesh=None):
+  """Runs training from ``train_iter`` until ``epochs * steps_per_epoch`` steps (or
+  ``max_steps``).
+
+  ``train_iter`` yields {'image', 'label'} NumPy batches of this process's share of the global
+  batch (``batch_size_per_device x local devices``); with ``get_state`` / ``set_state`` its
+  position is checkpointed too. ``validate(state, epoch) -> dict`` (optional) runs every
+  ``eval_every_epochs`` epochs; its 'dice' entry chooses the best checkpoint. Every process
+  runs this function. Returns the final state.
+  """
+  train_cfg = config.train
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  global_bs = train_cfg.batch_size_per_device * mesh.size
+  total_steps = int(train_cfg.epochs * steps_per_epoch)
+  if max_steps is not None:
+    total_steps = min(total_steps, int(max_steps))
+
+  manager = ckpt.make_manager(os.path.join(workdir, 'checkpoints'),
+                              keep=train_cfg.keep_checkpoints)
+  resuming = manager.latest_step() is not None
+  if resuming:
+    check_workdir_config(config, workdir, allow_config_change)
+  elif os.path.exists(os.path.join(workdir, 'config.json')):
+    logging.warning('%s has a config.json but no checkpoint: starting afresh', workdir)
+  parallel.sync('mstkd_config_checked')
+  if parallel.is_main_process():
+    write_text_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+
+  abstract = build.abstract_state(config, steps_per_epoch)
+  shardings = state_shardings(config, mesh, abstract)
+  best_dice = -math.inf
+  if resuming:
+    start = manager.latest_step()
+    state, data_state, meta = ckpt.restore(manager, start,
+                                           ckpt.abstract_like(abstract, shardings))
+    if not _restore_data_state(train_iter, data_state):
+      logging.warning('no data-iterator state restored (none saved for this process, or the '
+                      'iterator has no set_state): the data order restarts')
+    if meta.get('best_dice') is not None:
+      best_dice = float(meta['best_dice'])
+    logging.info('resumed from %s at step %d', manager.directory, start)
+    if parallel.is_main_process():
+      dropped = drop_records_after(workdir, start)
+      if dropped:
+        logging.info('metrics.jsonl: dropped %d record(s) of steps after %d (lost with the '
+                     'interrupted run; they are logged again)', dropped, start)
+  else:
+    logging.info('building the networks and initialising the train state (compiles the '
+                 'initialisation once: tens of seconds on a CPU)')
+    state = create_state(config, mesh, steps_per_epoch, shardings)
+    logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
+                 build.count_params(state.params['teacher']),
+                 build.count_params(state.params['student']),
+                 build.count_params(state.disc_params))
+
+  if int(state.step) >= total_steps:
+    logging.info('training already finished: step %d of %d (raise --config.train.epochs or '
+                 '--max_steps to train on; --mode=eval re-evaluates a checkpoint)',
+                 int(state.step), total_steps)
+    manager.close()
+    return state
+
+  host_memory.trim()
+  logging.info('compiling the training step (teacher, student, every loss, discriminator; '
+               'about a minute on a CPU, once per run)')
+  t0 = time.time()
+  compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
+  host_memory.trim()
+  logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
+               time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
+  rng = parallel.replicated_key(config.seed + 1, mesh)
+
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
+  step = int(state.step)
+  first_step = step
+  last_saved = step if resuming else None
+  last_time, last_step_logged = time.time(), step
+  progress = writer.progress(total=total_steps, initial=step)
+
+  def meta(epoch):
+    return {'step': step, 'epoch': epoch, 'best_dice': None if best_dice == -math.inf
+            else best_dice, 'config': json.loads(config.to_json_best_effort())}
+
+  def save(data_state, val_dice=None, force=False):
+    nonlocal last_saved
+    try:
+      ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
+                val_dice=val_dice, force=force)
+    except OSError as e:
+      raise CheckpointSaveError(step, manager, e) from e
+    last_saved = step
+
+  def finish_saves():
+    try:
+      manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointSaveError(last_saved, manager, e) from e
+
+  def fetch():
+    return parallel.global_batch(next(train_iter), mesh)
+
+  try:
+    with _StopRequest() as stop:
+      batch = fetch() if step < total_steps else None
+      data_state = _data_state(train_iter)
+      while step < total_steps:
+        state, metrics = compiled(state, batch, rng)
+        step += 1
+        # The iterator has delivered exactly `step` batches: this is the position to save
+        # with this state. Then the next batch goes to the devices while this step runs.
+        data_state = _data_state(train_iter)
+        batch = fetch() if step < total_steps else None
+
+        finite = bool(metrics['finite'])
+        if not finite:
+          bad = sorted(k for k, v in _summarise(metrics).items() if not math.isfinite(v))
+          if train_cfg.nan_policy != 'skip':
+            manager.wait_until_finished()
+            last = manager.latest_step()
+            where = (f'the last good checkpoint is step {last} in {manager.directory}'
+                     if last is not None else 'no checkpoint was saved yet')
+            raise TrainingStopped(
+                f'non-finite loss at step {step} (epoch {(step - 1) // steps_per_epoch}): '
+                f'{", ".join(bad)} are NaN/Inf; {where}. Re-running resumes from it; '
+                "train.nan_policy='skip' skips such updates instead.")
+          logging.warning('step %d: non-finite %s; update skipped', step, ', '.join(bad))
+
+        if step % train_cfg.log_every == 0 or step == total_steps or step == first_step + 1:
+          values = _summarise(metrics)
+          now = time.time()
+          steps_per_s = (step - last_step_logged) / max(now - last_time, 1e-9)
+          last_time, last_step_logged = now, step
+          values.update(steps_per_s=steps_per_s, volumes_per_s=steps_per_s * global_bs,
+                        eta_s=(total_steps - step) / max(steps_per_s, 1e-9))
+          writer.write(step, values)
+        progress.update_to(step)
+
+        epoch = step // steps_per_epoch
+        if validate is not None and step % steps_per_epoch == 0 and (
+            epoch % train_cfg.eval_every_epochs == 0 or step == total_steps):
+          result = validate(state, epoch)
+          writer.write(step, {f'val_{k}': v for k, v in result.items()})
+          best_dice = max(best_dice, float(result['dice']))
+          save(data_state, val_dice=result['dice'])
+        elif step % train_cfg.checkpoint_every == 0:
+          save(data_state)
+
+        if parallel.any_process(stop.signal is not None):
+          if last_saved != step:
+            save(data_state, force=True)
+          finish_saves()
+          manager.close()
+          stopped = Preempted(stop.signal or signal.SIGTERM, step, manager.directory)
+          logging.warning('%s', stopped.message)
+          raise stopped
+      if last_saved != step:
+        save(data_state, force=True)
+      finish_saves()
+      manager.close()
+  finally:
+    progress.close()
+    writer.close()
+  return state
+
+
+class RandomBatches:
+  """Endless random {'image', 'label'} batches for benchmarks and tests.
+
+  Batch ``i`` is a pure function of (seed, i), so the iterator has a position
+  (``get_state`` / ``set_state``, JSON bytes like grain's) and each process can take its own
+  rows of the same global batch (``process_index`` of ``process_count``). ``nan_at``: a batch
+  index whose image is NaN (fault tests).
+  """
+
+  def __init__(self, config, global_batch_size, seed=0, process_index=0, process_count=1,
+               nan_at=None):
+    if global_batch_size % process_count:
+      raise ValueError(f'global batch {global_batch_size} is not divisible by '
+                       f'{process_count} processes')
+    self.shape = build.input_shape(config, global_batch_size)
+    self.num_classes = config.model.num_classes
+    self.seed = seed
+    self.local = global_batch_size // process_count
+    self.offset = process_index * self.local
+    self.nan_at = nan_at
+    self.index = 0
+    self.served = []   # indices delivered by this object (tests check the data order)
+
+  def batch(self, index):
+    rs = np.random.RandomState([self.seed, index])
+    image = rs.rand(*self.shape).astype(np.float32)
+    classes = rs.randint(0, self.num_classes, size=self.shape[:-1])
+    label = np.eye(self.num_classes, dtype=np.float32)[classes]
+    rows = slice(self.offset, self.offset + self.local)
+    image, label = image[rows], label[rows]
+    if index == self.nan_at:
+      image = np.full_like(image, np.nan)
+    return {'image': image, 'label': label}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    out = self.batch(self.index)
+    self.served.append(self.index)
+    self.index += 1
+    return out
+
+  def get_state(self):
+    return json.dumps({'index': self.index, 'seed': self.seed}).encode()
+
+  def set_state(self, state):
+    state = json.loads(state)
+    if state['seed'] != self.seed:
+      raise ValueError(f'iterator state of seed {state["seed"]}, not {self.seed}')
+    self.index = int(state['index'])
+
+
+def random_batches(config, batch_size, seed=0):
+  """Endless random {'image', 'label'} batches (benchmarks, smoke tests)."""
+  return RandomBatches(config, batch_size, seed)

@@ -1,0 +1,242 @@
+r"""The paper's Figure 2 for one case: the four modalities, the ground truth, and the student's
+predictions with all four modalities, FLAIR+T1Gd+T2, FLAIR+T1Gd and FLAIR alone.
+
+    python -m mstkd_jax.visualize --checkpoint runs/brats/export \
+        --case /data/BraTS2021/BraTS2021_00000 --out fig.png [--slice Z] [--step best]
+
+``--checkpoint`` is an exported student or a training workdir; ``--case`` a case folder in either
+BraTS layout (without a ``seg`` file the ground-truth panel is left empty). The picture shows
+the case in the model's space (after the checkpoint's resampling and brain box), on the axial
+slice (third voxel axis) with the most tumour in the ground truth (else in the all-modality
+prediction), each image rotated by 90 degrees as radiology viewers show BraTS volumes.
+
+Colours (the usual BraTS rendering, nested regions drawn from the outside in):
+WT green (its part outside TC: oedema / SNFH), TC yellow (its part outside ET: necrosis / NETC),
+ET red. Each prediction panel is titled with the subset and that case's Dice of WT / TC / ET
+(over the whole box, in %).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import flags, logging
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+import nibabel as nib
+import numpy as np
+
+from mstkd_jax import cli, evaluate
+from mstkd_jax import metrics as metrics_lib
+from mstkd_jax import predict
+from mstkd_jax.data import layouts, pipeline, preprocess
+from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS, masked_copies, parse_subset, subset_name
+from mstkd_jax.models import build
+
+FIGURE_SUBSETS = tuple(parse_subset(s) for s in ('1111', '1011', '1010', '1000'))
+# RGBA of the visible part of each region: WT-only (oedema), TC-only (core), ET.
+COLOURS = {'WT': (0.10, 0.80, 0.20, 0.55), 'TC': (1.00, 0.85, 0.00, 0.70),
+           'ET': (0.90, 0.05, 0.05, 0.80)}
+
+
+def load_case(case_dir, config):
+  """(image box [bx,by,bz,4], label codes box or None, meta, case id) of a case folder."""
+  case = layouts.describe_case(os.path.abspath(case_dir), 'auto')
+  paths = {key: p for key, p in zip(MODALITY_KEYS, case.images) if p}
+  if not paths:
+    raise ValueError(f'{case_dir}: no modality file found '
+                     f'({"; ".join(str(p) for p in case.problems)})')
+  image, meta = pipeline.preprocess_patient(paths, config, case_id=case.case_id)
+  codes = None
+  if case.seg:
+    seg = np.asanyarray(nib.load(case.seg).dataobj)
+    if seg.shape != tuple(meta['original_shape']):
+      raise ValueError(f'{case.seg}: shape {seg.shape} differs from the images '
+                       f'{tuple(meta["original_shape"])}')
+    codes = preprocess.to_model_space(layouts.labels_to_codes(seg, case.layout), meta, order=0)
+  return image, codes, meta, case.case_id
+
+
+def _regions_from_codes(codes):
+  return layouts.region_masks(codes)
+
+
+def choose_slice(regions):
+  """Axial index (third axis) with the most WT voxels; the middle slice if there are none."""
+  counts = regions['WT'].sum(axis=(0, 1))
+  return int(np.argmax(counts)) if counts.max() > 0 else regions['WT'].shape[2] // 2
+
+
+def _overlay(regions, z):
+  """RGBA [X, Y, 4] of the nested regions on slice z."""
+  shape = regions['WT'].shape[:2]
+  rgba = np.zeros(shape + (4,), np.float32)
+  for name in ('WT', 'TC', 'ET'):   # outer first: inner regions paint over
+    rgba[regions[name][:, :, z]] = COLOURS[name]
+  return rgba
+
+
+def draw(image, truth, predictions, out, title=None, z=None):
+  """Writes the figure. image [bx,by,bz,4]; truth: region dict or None; predictions:
+  {subset: region dict}. Returns the slice drawn."""
+  matplotlib.use('Agg')
+
+  full = predictions[FIGURE_SUBSETS[0]] if FIGURE_SUBSETS[0] in predictions else \
+      next(iter(predictions.values()))
+  if z is None:
+    z = choose_slice(truth if truth is not None and truth['WT'].any() else full)
+  show = lambda a: np.rot90(a)
+  background = image[:, :, z, 0]
+  if not background.any():
+    background = image[:, :, z].max(axis=-1)
+  fig, axes = plt.subplots(2, 5, figsize=(15, 7.4))
+  for c in range(4):
+    ax = axes[0, c]
+    ax.imshow(show(image[:, :, z, c]), cmap='gray', interpolation='nearest')
+    ax.set_title(MODALITIES[c] + ('' if image[..., c].any() else ' (absent)'))
+  ax = axes[0, 4]
+  ax.imshow(show(background), cmap='gray', interpolation='nearest')
+  if truth is not None:
+    ax.imshow(show(_overlay(truth, z)), interpolation='nearest')
+    ax.set_title('Ground truth')
+  else:
+    ax.set_title('Ground truth (none)')
+  for k, subset in enumerate(FIGURE_SUBSETS):
+    ax = axes[1, k]
+    ax.imshow(show(background), cmap='gray', interpolation='nearest')
+    if subset not in predictions:
+      ax.set_title(f'{subset_name(subset)} (not run)')
+      continue
+    ax.imshow(show(_overlay(predictions[subset], z)), interpolation='nearest')
+    label = subset_name(subset) if subset != FIGURE_SUBSETS[0] else 'All four'
+    if truth is not None:
+      scores = '/'.join(f"{100 * metrics_lib.dice(predictions[subset][r], truth[r]):.0f}"
+                        for r in metrics_lib.REGIONS)
+      label += f'\nDice WT/TC/ET {scores}'
+    ax.set_title(label, fontsize=10)
+  ax = axes[1, 4]
+  ax.axis('off')
+  ax.legend(handles=[Patch(color=COLOURS[r][:3], label=n) for r, n in
+                     (('WT', 'WT (oedema / SNFH)'), ('TC', 'TC (core / NETC)'),
+                      ('ET', 'ET (enhancing)'))],
+            loc='center', frameon=False, fontsize=11)
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle((title or '') + f'  (axial slice {z})', fontsize=12)
+  fig.tight_layout(h_pad=2.0)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return z
+
+
+def figure_for_case(config, variables, case_dir, out, inference=None, z=None, title=None):
+  """Runs the student on the four subsets of ``FIGURE_SUBSETS`` and draws the figure."""
+  image, codes, _, case_id = load_case(case_dir, config)
+  inference = inference or evaluate.get_inference(config)
+  variables = inference.place(variables)
+  probs = inference.predict(variables, masked_copies(image, FIGURE_SUBSETS))
+  predictions = {s: metrics_lib.region_masks(p) for s, p in zip(FIGURE_SUBSETS, probs)}
+  truth = _regions_from_codes(codes) if codes is not None else None
+  z = draw(image, truth, predictions, out, title=title or case_id, z=z)
+  return out
+
+
+def figure_after_training(config, dataset, state, out=None):
+  """The figure for the first test case of a training run (``config.eval.figure``)."""
+  split = dataset.split
+  ids = sorted(split['test']) or sorted(split['val']) or sorted(split['train'])
+  case = {c.case_id: c for c in dataset.cases}[ids[0]]
+  out = out or os.path.join(dataset.workdir, 'figure.png')
+  figure_for_case(config, build.network_variables(state, 'student'), case.folder, out,
+                  title=f'{case.case_id} (test case), student at step {int(state.step)}')
+  logging.info('figure written to %s', out)
+  print(f'Figure: {out}', flush=True)
+  return out
+
+
+CURVES = (('val_dice', 'student, 15 subsets', '-'), ('val_teacher_dice', 'teacher, all four',
+                                                      '--'))
+
+
+def learning_curves(workdir, out=None):
+  """``<workdir>/curves.png``: the training loss and the validation Dice of student and
+  teacher against the step, from ``metrics.jsonl`` (None when it holds no step yet)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip().endswith('}')]
+  records = [r for r in records if not r.get('replayed')]
+  if not records:
+    return None
+  matplotlib.use('Agg')
+  fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+  steps = [r['step'] for r in records if 'total' in r]
+  ax_loss.plot(steps, [r['total'] for r in records if 'total' in r], label='total loss')
+  ax_loss.plot(steps, [r.get('dice', float('nan')) for r in records if 'total' in r],
+               label='Dice loss (teacher + student)')
+  ax_loss.set_xlabel('step')
+  ax_loss.set_yscale('log')
+  ax_loss.legend()
+  for key, label, style in CURVES:
+    points = [(r['step'], r[key]) for r in records if key in r]
+    if points:
+      ax_dice.plot(*zip(*points), style, marker='o', label=label)
+  ax_dice.set_xlabel('step')
+  ax_dice.set_ylabel('validation Dice (mean of WT, TC, ET)')
+  ax_dice.set_ylim(0, 1)
+  ax_dice.legend()
+  fig.tight_layout()
+  out = out or os.path.join(workdir, 'curves.png')
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+COMMAND = cli.Command('python -m mstkd_jax.visualize', __doc__)
+flags.DEFINE_string('checkpoint', None, 'Exported student folder or training workdir.',
+                    required=True, flag_values=COMMAND.flags)
+flags.DEFINE_string('step', None, "Training workdir only: 'latest', 'best' or a step.",
+                    flag_values=COMMAND.flags)
+flags.DEFINE_string('case', None, 'Case folder (BraTS 2024 or 2021 file names).',
+                    required=True, flag_values=COMMAND.flags)
+flags.DEFINE_string('out', None, 'Output image (.png, .pdf, ...).', required=True,
+                    flag_values=COMMAND.flags)
+flags.DEFINE_integer('slice', None, 'Axial slice (default: the one with the most tumour).',
+                     flag_values=COMMAND.flags)
+
+
+def main(argv=None):
+  """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  rest = COMMAND.parse(argv)
+  if rest:
+    cli.fail(f'unexpected arguments: {" ".join(rest)}')
+  args = COMMAND.flags
+  logging.set_verbosity(logging.WARNING)
+  started = time.time()
+  try:
+    print(f'loading the network from {args.checkpoint}', file=sys.stderr, flush=True)
+    model = predict.load_model(args.checkpoint, args.step)
+    print(f'segmenting {args.case} from {len(FIGURE_SUBSETS)} modality subsets (the first '
+          'forward pass compiles the network, about a minute on a CPU)', file=sys.stderr,
+          flush=True)
+    figure_for_case(model.config, model.variables, args.case, args.out,
+                    inference=model.inference, z=args.slice)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'Figure: {args.out} ({time.time() - started:.0f} s)')
+  return 0
+
+
+def console_main():
+  """The ``mstkd-visualize`` command (``pip install .``)."""
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_main()
