@@ -8,8 +8,9 @@
 writes, and what BraTS submissions use; <case id>_seg / -seg are accepted too).
 --ref: the reference labels, either BraTS case folders (<ref>/<case id>/<case id>_seg.nii.gz
 or -seg.nii.gz) or a flat folder of <case id>.nii.gz (nnU-Net's labelsTr).
-Every reference case needs a prediction (a missing one is an error, naming them); predictions
-without a reference are listed and skipped.
+Every reference case needs a prediction: a missing one is an error naming them, unless
+--missing=skip (score only the cases predicted) or --missing=empty (score them as an empty
+segmentation, as the challenges do). Predictions without a reference are listed and skipped.
 
 Labels: brats2024 (1 NETC, 2 SNFH, 3 ET, 4 resection cavity) or brats2021 (BraTS 2018-2021,
 FeTS: 1 NCR, 2 ED, 4 ET); regions WT = tumour labels, TC = core + ET, ET. 'auto' decides per
@@ -108,15 +109,26 @@ def find_predictions(pred_dir):
   return found
 
 
-def pair_cases(predictions, references):
-  """[(case id, prediction path, reference path)] for every reference; the ids of
-  predictions without a reference."""
+MISSING_CHOICES = ('error', 'skip', 'empty')
+
+
+def pair_cases(predictions, references, missing_policy='error'):
+  """[(case id, prediction path or None, reference path)] for every reference (without a
+  prediction: an error, left out, or None for 'empty'); the ids of predictions without a
+  reference."""
   missing = sorted(set(references) - set(predictions))
-  if missing:
+  if missing and missing_policy == 'skip':
+    references = {c: p for c, p in references.items() if c in predictions}
+  elif missing and missing_policy == 'empty':
+    predictions = dict(predictions, **{c: None for c in missing})
+  elif missing:
     shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more' if len(missing) > 5 else '')
     raise EvaluationInputError(f'no prediction for {len(missing)} of {len(references)} '
                                f'reference case(s): {shown} (expected <case id>.nii.gz in '
                                '--pred)')
+  if not references:
+    raise EvaluationInputError('no prediction matches a reference case (expected '
+                               '<case id>.nii.gz in --pred)')
   pairs = [(c, predictions[c], references[c]) for c in sorted(references)]
   return pairs, sorted(set(predictions) - set(references))
 
@@ -167,8 +179,13 @@ def _check_geometry(pred, ref):
 
 def score_case(pred_path, ref_path, labels='auto', convention='brats', lesion_wise=False,
                challenge='BraTS-GLI'):
-  """({region: {dice, hd95}}, {region: LesionScores} or None) of one case."""
-  pred, ref = read_labels(pred_path), read_labels(ref_path)
+  """({region: {dice, hd95}}, {region: LesionScores} or None) of one case; ``pred_path``
+  None: an empty segmentation."""
+  ref = read_labels(ref_path)
+  if pred_path is None:
+    pred = LabelFile('(missing)', np.zeros_like(ref.labels), ref.affine, ref.spacing)
+  else:
+    pred = read_labels(pred_path)
   _check_geometry(pred, ref)
   pred_regions, ref_regions = region_masks(pred, labels), region_masks(ref, labels)
   scores = metrics.case_metrics(pred_regions, ref_regions, spacing=ref.spacing,
@@ -234,14 +251,21 @@ def markdown(summary, title):
 
 
 def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats',
-                    lesion_wise=False, challenge='BraTS-GLI', subset='prediction', log=print):
+                    lesion_wise=False, challenge='BraTS-GLI', subset='prediction', log=print,
+                    missing='error'):
   """Scores every reference case; writes per_case.csv, summary.json, table.md (and
   lesion_wise.csv) into ``out_dir``; returns the summary."""
   if labels not in LABEL_CHOICES:
     raise EvaluationInputError(f'--labels must be one of {LABEL_CHOICES}, got {labels!r}')
   if lesion_wise:
     lesionwise.challenge_parameters(challenge)
-  pairs, extra = pair_cases(find_predictions(pred_dir), find_references(ref_dir))
+  if missing not in MISSING_CHOICES:
+    raise EvaluationInputError(f'--missing must be one of {MISSING_CHOICES}, got {missing!r}')
+  pairs, extra = pair_cases(find_predictions(pred_dir), find_references(ref_dir), missing)
+  absent = [c for c, p, _ in pairs if p is None]
+  if absent:
+    log(f'{len(absent)} case(s) without a prediction scored as empty: {", ".join(absent[:5])}'
+        + (' ...' if len(absent) > 5 else ''))
   if extra:
     log(f'{len(extra)} prediction(s) without a reference, not scored: {", ".join(extra[:5])}'
         + (' ...' if len(extra) > 5 else ''))
@@ -297,6 +321,9 @@ flags.DEFINE_bool('lesion_wise', False, 'Also the BraTS 2023+ lesion-wise Dice a
 flags.DEFINE_enum('challenge', 'BraTS-GLI', sorted(lesionwise.CHALLENGES),
                   'Lesion-wise parameters (dilation, minimum lesion volume) of this challenge.',
                   flag_values=_FV)
+flags.DEFINE_enum('missing', 'error', MISSING_CHOICES, 'A reference case without a '
+                  'prediction: an error, left out (skip), or scored as an empty segmentation.',
+                  flag_values=_FV)
 flags.DEFINE_string('subset', 'prediction', 'Name of the modality subset the predictions '
                     "were made from, for the CSV's subset column (e.g. FLAIR+T1Gd).",
                     flag_values=_FV)
@@ -311,7 +338,8 @@ def main(argv=None):
   out = f.out or os.path.join(f.pred, 'evaluation')
   try:
     summary = evaluate_folder(f.pred, f.ref, out, labels=f.labels, convention=f.convention,
-                              lesion_wise=f.lesion_wise, challenge=f.challenge, subset=f.subset)
+                              lesion_wise=f.lesion_wise, challenge=f.challenge, subset=f.subset,
+                              missing=f.missing)
   except (cli.InputError, ValueError, OSError) as e:
     if cli.show_tracebacks():
       raise

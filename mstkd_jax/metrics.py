@@ -61,7 +61,7 @@ def dice(pred_mask, true_mask):
   return 2.0 * np.count_nonzero(pred & true) / total
 
 
-def _bounding_slices(mask, margin):
+def bounding_slices(mask, margin):
   """Slices of the bounding box of a non-empty mask, grown by ``margin`` and clipped."""
   slices = []
   for axis, size in enumerate(mask.shape):
@@ -94,7 +94,7 @@ def surface_distances(pred_mask, true_mask, spacing=None, crop=True):
     raise ValueError('surface distances need two non-empty masks')
   spacing = _normalise_spacing(spacing, pred.ndim)
   if crop:
-    box = _bounding_slices(pred | true, margin=1)
+    box = bounding_slices(pred | true, margin=1)
     pred, true = pred[box], true[box]
   pred_surface, true_surface = _surface(pred), _surface(true)
   to_true = ndimage.distance_transform_edt(~true_surface, sampling=spacing)

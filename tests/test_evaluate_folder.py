@@ -148,6 +148,14 @@ def test_evaluate_folder_errors_name_the_files(tmp_path):
   with pytest.raises(evaluate_folder.EvaluationInputError, match='no prediction for 1 of 2.*B'):
     evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
                                     str(tmp_path / 'o'), **kwargs)
+  skipped = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                            str(tmp_path / 'o'), missing='skip', **kwargs)
+  assert skipped['num_cases'] == 1
+  empty = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                          str(tmp_path / 'o'), missing='empty', **kwargs)
+  assert empty['num_cases'] == 2
+  assert empty['regions']['WT']['dice']['mean'] == pytest.approx(0.5)      # A 1, B 0
+  assert empty['regions']['WT']['hd95']['mean'] == pytest.approx(373.13 / 2)
   _write(str(tmp_path / 'pred' / 'B.nii.gz'), seg[:20])
   with pytest.raises(evaluate_folder.EvaluationInputError, match='B.nii.gz: shape'):
     evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
