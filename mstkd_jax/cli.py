@@ -163,3 +163,10 @@ class Command:
       return self.flags([self.prog] + argv)[1:]
     except flags.Error as e:
       fail(f'{one_line(e)} (--help lists the flags)')
+
+  def parse_flags_only(self, argv=None):
+    """``parse`` for a command without positional arguments; returns the flag values."""
+    rest = self.parse(argv)
+    if rest:
+      fail(f'unexpected arguments: {" ".join(rest)}')
+    return self.flags

@@ -331,10 +331,7 @@ flags.DEFINE_string('subset', 'prediction', 'Name of the modality subset the pre
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  rest = COMMAND.parse(argv)
-  if rest:
-    cli.fail(f'unexpected arguments: {" ".join(rest)}')
-  f = COMMAND.flags
+  f = COMMAND.parse_flags_only(argv)
   out = f.out or os.path.join(f.pred, 'evaluation')
   try:
     summary = evaluate_folder(f.pred, f.ref, out, labels=f.labels, convention=f.convention,

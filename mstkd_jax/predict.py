@@ -428,10 +428,7 @@ _define_flags(COMMAND.flags)
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  rest = COMMAND.parse(argv)
-  if rest:
-    cli.fail(f'unexpected arguments: {" ".join(rest)}')
-  args = COMMAND.flags
+  args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}
   used = []

@@ -212,10 +212,7 @@ flags.DEFINE_integer('slice', None, 'Axial slice (default: the one with the most
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  rest = COMMAND.parse(argv)
-  if rest:
-    cli.fail(f'unexpected arguments: {" ".join(rest)}')
-  args = COMMAND.flags
+  args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   started = time.time()
   try:
