@@ -7,6 +7,7 @@ checkpoint to the end: the final state equals 6 uninterrupted steps bit for bit.
 
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -139,3 +140,35 @@ def test_a_failed_checkpoint_save_names_the_last_good_one(tmp_path):
   assert 'No space left on device' in errors[0]
   assert 'the last good checkpoint is step 1' in errors[0]
   assert (workdir / 'checkpoints' / '1').is_dir()
+
+
+@pytest.mark.slow
+def test_a_training_log_as_a_user_reads_it(tmp_path):
+  """A fresh tiny training through the command line: no Orbax INFO lines or false read-only
+  warnings, what is happening said before each long stretch, losses named as losses and
+  validation Dice as Dice; running the same command again trains and compiles nothing."""
+  workdir = tmp_path / 'work'
+  command = [os.sys.executable, '-m', 'mstkd_jax.main', '--config=configs/brats.py:tiny',
+             f'--workdir={workdir}', '--config.train.epochs=1',
+             '--config.train.eval_every_epochs=1', '--config.eval.val_subsets=full']
+  env = helpers_scale.helper_env(1)
+  env.pop('MSTKD_TRACEBACK', None)
+  proc = subprocess.run(command, cwd=helpers_scale.ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  log = proc.stderr + proc.stdout
+  assert proc.returncode == 0, log[-3000:]
+  assert 'read_only=True' not in log and 'Given directory is read only' not in log
+  assert 'orbax' not in log.lower().replace('orbax checkpoint', ''), [
+      line for line in log.splitlines() if 'orbax' in line.lower()][:5]
+  assert "Unable to initialize backend 'tpu'" not in log
+  assert 'building the networks' in log and 'compiling the training step' in log
+  step_lines = [line for line in log.splitlines() if '] step ' in line]
+  assert step_lines and all(' loss ' in line and 'dice_loss' in line for line in step_lines
+                            if 'val Dice' not in line), step_lines[:3]
+  assert not any(re.search(r'[:,] dice \d', line) for line in step_lines), step_lines[:3]
+  assert any('val Dice (student)' in line for line in step_lines), step_lines
+  again = subprocess.run(command, cwd=helpers_scale.ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'training already finished' in again.stderr
+  assert 'compiling the training step' not in again.stderr
