@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mstkd_jax import logging_utils
-from mstkd_jax.data import preprocess
+from mstkd_jax.data import preprocess, synthetic
 from mstkd_jax.data.layouts import Problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,23 @@ def test_missing_data_root_leaves_no_workdir(tmp_path):
                '--config.data.root=/nonexistent/brats'])
   assert proc.returncode == 2
   assert '/nonexistent/brats' in _one_error_line(proc)
+  assert not workdir.exists()
+
+
+def test_a_bad_case_stops_training_with_one_line_naming_the_file(tmp_path):
+  """A case whose FLAIR file is not a NIfTI: one line naming the case and file, exit 2, no
+  workdir left (the preprocessing meets it before any training)."""
+  root = synthetic.generate_dataset(str(tmp_path / 'data'), 4, (40, 40, 32), 'brats2021',
+                                    seed=3)
+  case = sorted(os.listdir(root))[1]
+  with open(os.path.join(root, case, f'{case}_flair.nii.gz'), 'wb') as f:
+    f.write(b'not a nifti file')
+  workdir = tmp_path / 'run'
+  proc = _run(['mstkd_jax.main', '--config=configs/brats.py:tiny', f'--workdir={workdir}',
+               f'--config.data.root={root}'])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _one_error_line(proc)
+  assert case in line and f'{case}_flair.nii.gz' in line
   assert not workdir.exists()
 
 
