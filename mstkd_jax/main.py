@@ -21,23 +21,28 @@ from ml_collections import config_flags
 from mstkd_jax import cli, evaluate, export, logging_utils, parallel, run, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
-flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
-                    'number, or a path to an exported student / converted network.')
-flags.DEFINE_string('out', None, 'export: output folder (default <workdir>/export).')
-flags.DEFINE_string('split', 'test', "eval: which split to evaluate ('test' or 'val').")
-flags.DEFINE_bool('allow_config_change', False,
-                  'Resume a workdir whose config.json differs from --config.')
-flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
-flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
-flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
-flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
-flags.DEFINE_bool('verbose_libraries', False, 'Show the INFO lines of Orbax and grain.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _define_flags():
+  """The command's flags, defined when it runs: importing this module (a test, a notebook)
+  leaves absl's global flags alone."""
+  config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+  flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
+                      'number, or a path to an exported student / converted network.')
+  flags.DEFINE_string('out', None, 'export: output folder (default <workdir>/export).')
+  flags.DEFINE_string('split', 'test', "eval: which split to evaluate ('test' or 'val').")
+  flags.DEFINE_bool('allow_config_change', False,
+                    'Resume a workdir whose config.json differs from --config.')
+  flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+  flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
+  flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
+  flags.DEFINE_bool('verbose_libraries', False, 'Show the INFO lines of Orbax and grain.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -81,6 +86,7 @@ def run_mode(config):
 
 def console_main():
   """The ``mstkd-train`` command (``pip install .``): ``python -m mstkd_jax.main``."""
+  _define_flags()
   cli.run(main)
 
 
