@@ -56,6 +56,25 @@ def test_conv3d_matches_xla_forward_and_gradients(shape, kernel, cin, cout, stri
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b)))
 
 
+def test_conv3d_under_vmap_and_jacrev_matches_xla():
+  """vmap (and so jax.jacrev, per-example gradients) over the oneDNN conv: its kernel takes 5-D
+  operands only, so the mapped axis runs element by element; once it raised
+  NotImplementedError (found by experiments/term_gradients.py)."""
+  assert jnp.float32 in onednn.load(), onednn.reason()
+  rs = np.random.RandomState(2)
+  x = jnp.asarray(rs.randn(3, 1, 6, 5, 4, 2), jnp.float32)   # a mapped axis of 3
+  w = jnp.asarray(rs.randn(3, 3, 3, 2, 4) * 0.3, jnp.float32)
+  ours = jax.jit(jax.vmap(lambda x: onednn.conv3d(x, w, 1, 1)))(x)
+  ref = jax.vmap(lambda x: _lax(x, w, 1, 1))(x)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # Two outputs, reverse mode: vmap over the pullback's cotangents (backward-data and -filter).
+  two = lambda conv: (lambda w: jnp.stack([jnp.sum(conv(x[0], w)), jnp.sum(conv(x[1], w) ** 2)]))
+  j1 = jax.jit(jax.jacrev(two(lambda x, w: onednn.conv3d(x, w, 1, 1))))(w)
+  j2 = jax.jacrev(two(lambda x, w: _lax(x, w, 1, 1)))(w)
+  np.testing.assert_allclose(np.asarray(j1), np.asarray(j2), rtol=1e-4,
+                             atol=1e-5 * float(np.max(np.abs(j2))))
+
+
 def test_conv3d_bfloat16_close_to_float32():
   if jnp.bfloat16 not in onednn.load():
     pytest.skip('this CPU has no bfloat16 convolutions in oneDNN')

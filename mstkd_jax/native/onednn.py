@@ -227,7 +227,10 @@ def output_shape(x_shape, w_shape, stride, padding):
 
 
 def _call(target, shape, dtype, *operands, stride, padding):
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(
+  # Under vmap (jax.jacrev, per-example gradients) the kernel runs once per mapped element:
+  # it takes 5-D operands only.
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype),
+                          vmap_method='sequential')(
       *operands, stride=np.int64(stride), padding=np.int64(padding))
 
 
