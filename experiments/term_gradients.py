@@ -62,11 +62,12 @@ def weighted_parts(terms, cfg):
   return parts
 
 
-def make_measure(config, epoch):
-  """(state params, batch stats, disc params, image, label, subset mask, keys) -> ({part:
-  value}, {part: gradient norm}, {part: cosine with the student Dice gradient}), jitted."""
+def make_measure(config):
+  """(state params, batch stats, disc params, image, label, subset mask, keys, epoch) ->
+  ({part: value}, {part: gradient norm}, {part: cosine with the student Dice gradient}),
+  compiled once."""
 
-  def parts_of(student, params, batch_stats, disc_params, image, image_m, label, keys):
+  def parts_of(student, params, batch_stats, disc_params, image, image_m, label, keys, epoch):
     p = {'teacher': params['teacher'], 'student': student}
     _, (terms, *_) = step.network_objective(p, batch_stats, disc_params, image, image_m, label,
                                             keys, epoch, config)
@@ -74,9 +75,9 @@ def make_measure(config, epoch):
     return parts, terms['total']
 
   @jax.jit
-  def measure(params, batch_stats, disc_params, image, label, mask, keys):
+  def measure(params, batch_stats, disc_params, image, label, mask, keys, epoch):
     image_m = modalities.apply_masks(image, mask[None])
-    args = (params, batch_stats, disc_params, image, image_m, label, keys)
+    args = (params, batch_stats, disc_params, image, image_m, label, keys, epoch)
     parts, total = parts_of(params['student'], *args)
     # One reverse pass per part: {part: gradient tree over the student's parameters}.
     jac = jax.jacrev(lambda s: parts_of(s, *args)[0])(params['student'])
@@ -119,6 +120,7 @@ def main(argv=None):
   subsets = modalities.parse_subsets(args.subsets)
   masks = modalities.subset_masks(subsets)
   out = open(args.out, 'a') if args.out else None
+  run = make_measure(config)
 
   for which in [s.strip() for s in args.steps.split(',') if s.strip()]:
     if which == 'init':
@@ -131,7 +133,6 @@ def main(argv=None):
       state, _, _ = checkpoint.restore(manager, at_step, build.abstract_state(config),
                                        with_data=False)
       manager.close()
-    run = make_measure(config, at_step // steps_per_epoch)
     acc = {}
     for b, batch in enumerate(batches):
       image = jnp.asarray(batch['image'], jnp.float32)
@@ -139,7 +140,8 @@ def main(argv=None):
       for s, mask in enumerate(masks):
         keys = tuple(jax.random.split(jax.random.key(1000 * b + s), 2))
         parts, norms, cos = run(state.params, state.batch_stats, state.disc_params,
-                                image, label, jnp.asarray(mask), keys)
+                                image, label, jnp.asarray(mask), keys,
+                                jnp.asarray(at_step // steps_per_epoch, jnp.int32))
         for n in parts:
           if n != 'dice_teacher':   # no gradient on the student
             acc.setdefault(n, []).append((parts[n], norms[n], cos[n]))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers_scale import ROOT, xla_cache_dir
@@ -70,3 +71,30 @@ def test_compare_variants_smoke(tmp_path):
   # Resumable: nothing is retrained.
   again = _run(args, timeout=300)
   assert again.returncode == 0 and '[compare] fold' not in again.stdout
+
+
+
+@pytest.mark.slow
+def test_term_gradients_on_a_tiny_run(tmp_path):
+  """experiments/term_gradients.py on a fresh state and on the checkpoint of a tiny training
+  run: every student term measured, the Dice gradient's cosine with itself 1 (the script
+  checks itself that its weighted parts add up to the training loss)."""
+  workdir = tmp_path / 'work'
+  proc = _run(['-m', 'mstkd_jax.main', '--config=configs/brats.py:tiny', f'--workdir={workdir}',
+               '--config.train.epochs=1', '--config.eval.val_subsets=full'], timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  lines_file = tmp_path / 'terms.jsonl'
+  proc = _run(['experiments/term_gradients.py', '--workdir', str(workdir), '--steps',
+               f'init,{last}', '--batches', '1', '--subsets', 'T2,FLAIR+T1', '--out',
+               str(lines_file)], timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = [json.loads(l) for l in lines_file.read_text().splitlines()]
+  assert {l['step'] for l in lines} == {'init', str(last)}
+  parts = {l['part'] for l in lines}
+  assert parts == {'dice_student', 'evd', 'mst', 'agreement', 'kl', 'adv', 'style', 'content'}
+  for l in lines:
+    assert l['samples'] == 2 and np.isfinite(l['grad_norm']) and l['grad_norm'] >= 0.0
+    if l['part'] == 'dice_student':
+      assert l['cos_with_dice'] == pytest.approx(1.0, abs=1e-4)
+      assert l['grad_norm'] > 0.0
