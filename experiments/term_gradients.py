@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mstkd_jax import checkpoint, losses, modalities, optim, step  # noqa: E402
+from mstkd_jax import checkpoint, modalities, optim, step  # noqa: E402
 from mstkd_jax.data import pipeline  # noqa: E402
 from mstkd_jax.models import build  # noqa: E402
 

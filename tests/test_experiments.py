@@ -73,7 +73,6 @@ def test_compare_variants_smoke(tmp_path):
   assert again.returncode == 0 and '[compare] fold' not in again.stdout
 
 
-
 @pytest.mark.slow
 def test_term_gradients_on_a_tiny_run(tmp_path):
   """experiments/term_gradients.py on a fresh state and on the checkpoint of a tiny training
