@@ -9,7 +9,9 @@ Protocol. The cases under ``--root`` (sorted by id) are cut into ``--folds`` fol
 tests on its cases, validates on ``--val-cases`` cases taken from the next fold, and trains on
 the rest. Every variant trains for the same number of steps (``--steps``, rounded up to whole
 epochs of the fold's training cases) with the same seed, data order and initial weights, in
-its own workdir ``<out>/fold<k>[_seed<s>]/<variant>``; then the standard 15-subset evaluation
+its own workdir ``<out>/fold<k>[_seed<s>]/<variant>`` (``--seeds 0,1,2`` repeats every run
+under each seed: initial weights, data order and subset draws change together; ``--only-folds``
+restricts the runs and the report to some folds); then the standard 15-subset evaluation
 of the test cases runs (``<workdir>/eval/per_case.csv``). A finished run is never repeated:
 re-running the command after an interruption continues where it stopped (an unfinished run
 resumes from its last checkpoint). The preprocessing cache is shared by all runs.
@@ -20,12 +22,14 @@ override for that variant only (``mstkd+loss.mst_beta=0.1``).
 
 Report (``<out>/report.md``, ``<out>/report.json``, ``<out>/paired.png``):
   * per variant: the 15-subset mean Dice and HD95 of WT / TC / ET, mean +- standard deviation
-    over folds (and seeds), and the teacher's Dice on the full input;
+    over folds (and seeds), and the teacher's Dice on the full input; with several seeds, the
+    seed-to-seed standard deviation within a fold (pooled over folds);
   * per variant and subset: mean Dice over all test cases;
   * paired comparison of each variant against ``--baseline`` (default ``plain``): per test case
     the difference of the 15-subset mean (and per subset the difference), its mean over the
-    cases and a 95 % confidence interval (Student t over cases; every case is tested once,
-    so cases are independent units), and how many cases improve.
+    cases and a 95 % confidence interval (Student t over cases; every case is tested in one
+    fold only, so cases are independent units; with several seeds a case's difference is the
+    mean of its per-seed differences), and how many cases improve.
 """
 
 import argparse
@@ -95,7 +99,8 @@ def parse_variant(text):
 
 
 def run_dir(out, fold, seed, variant):
-  tag = f'fold{fold}' + (f'_seed{seed}' if seed is not None else '')
+  """``<out>/fold<k>/<variant>`` for seed 0 (the default), ``<out>/fold<k>_seed<s>/...`` else."""
+  tag = f'fold{fold}' + (f'_seed{seed}' if seed else '')
   return os.path.join(out, tag, variant.replace('=', '-').replace('+', '__'))
 
 
@@ -115,10 +120,11 @@ def train_command(args, workdir, config_arg, flags, split_file, epochs, seed):
 
 
 def run_all(args, folds):
-  seeds = args.seeds or [None]
   runs = []
-  for seed in seeds:
+  for seed in args.seeds:
     for k, (train, val, test) in enumerate(folds):
+      if k not in args.fold_ids:
+        continue
       split_file = os.path.join(args.out, f'split_fold{k}.json')
       with open(split_file + '.tmp', 'w') as f:
         json.dump({'train': train, 'val': val, 'test': test}, f, indent=1)
@@ -132,8 +138,7 @@ def run_all(args, folds):
           continue
         names = [n for n in (args.base_variant, config_variant) if n]
         config_arg = args.config + (':' + ','.join(names) if names else '')
-        cmd = train_command(args, workdir, config_arg, flags, split_file, epochs,
-                            seed if seed is not None else 0)
+        cmd = train_command(args, workdir, config_arg, flags, split_file, epochs, seed)
         os.makedirs(workdir, exist_ok=True)
         print(f'[compare] fold {k} seed {seed} {variant}: {epochs} epochs x {len(train)} '
               f'steps -> {workdir}', flush=True)
@@ -185,15 +190,19 @@ def summarise(runs, variants, baseline):
     fold_scores = {m: {reg: [] for reg in REGIONS} for m in ('dice', 'hd95', 'teacher_dice')}
     per_subset = {s: {reg: [] for reg in REGIONS} for s in SUBSET_NAMES}
     rows_all = []
+    by_fold = {}                        # {fold: {region: [15-subset mean Dice per seed]}}
     for k, seed, _, workdir in vruns:
       rows = read_rows(workdir)
       for r in rows:
-        r['case_key'] = f'{r["case"]}|{seed}'
+        r['seed'] = seed
       rows_all += rows
       for metric in ('dice', 'hd95'):
         means = case_means(rows, metric)
         for reg in REGIONS:
-          fold_scores[metric][reg].append(float(np.mean([m[reg] for m in means.values()])))
+          score = float(np.mean([m[reg] for m in means.values()]))
+          fold_scores[metric][reg].append(score)
+          if metric == 'dice':
+            by_fold.setdefault(k, {}).setdefault(reg, []).append(score)
       teacher = case_means(rows, 'dice', (TEACHER_SUBSET,))
       for reg in REGIONS:
         fold_scores['teacher_dice'][reg].append(
@@ -204,6 +213,8 @@ def summarise(runs, variants, baseline):
     rows_by[v] = rows_all
     report['variants'][v] = {
         'runs': len(vruns),
+        **{f'seed_std_dice_{reg}': seed_std([f[reg] for f in by_fold.values()])
+           for reg in REGIONS},
         **{f'{m}_{reg}': {'mean': float(np.mean(vals)) if vals else None,
                           'std': float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
            for m, regs in fold_scores.items() for reg, vals in regs.items()},
@@ -218,25 +229,37 @@ def summarise(runs, variants, baseline):
   return report
 
 
+def seed_std(per_fold):
+  """The seed-to-seed standard deviation of a score, pooled over folds: per_fold holds, per
+  fold, the score of each seed; sqrt of the mean within-fold variance (None below 2 seeds)."""
+  variances = [np.var(v, ddof=1) for v in per_fold if len(v) > 1]
+  return float(math.sqrt(np.mean(variances))) if variances else None
+
+
 def _by_key(rows, subsets):
+  """{(case, seed, region): mean Dice over ``subsets``}."""
   out = {}
   for r in rows:
     if r['subset'] in subsets:
-      out.setdefault((r['case_key'], r['region']), []).append(r['dice'])
+      out.setdefault((r['case'], r.get('seed', 0), r['region']), []).append(r['dice'])
   return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def paired(rows, base_rows):
   """Per region: the mean over test cases of (variant - baseline) of the 15-subset mean Dice,
-  its 95 % CI and the count of cases that improve; the same per subset."""
+  its 95 % CI and the count of cases that improve; the same per subset. With several seeds the
+  variant and the baseline are paired seed by seed and a case's difference is the mean over its
+  seeds: the test cases stay the independent units of the interval."""
   out = {'mean_15': {}, 'per_subset': {}}
   groups = [('mean_15', SUBSET_NAMES)] + [(s, (s,)) for s in SUBSET_NAMES]
   for label, subsets in groups:
     a, b = _by_key(rows, subsets), _by_key(base_rows, subsets)
     entry = {}
     for reg in REGIONS:
-      keys = sorted(k for k in a if k in b and k[1] == reg)
-      diffs = [a[k] - b[k] for k in keys]
+      per_case = {}
+      for key in sorted(k for k in a if k in b and k[2] == reg):
+        per_case.setdefault(key[0], []).append(a[key] - b[key])
+      diffs = [float(np.mean(d)) for d in per_case.values()]
       if not diffs:
         continue
       mean, lo, hi = mean_ci(diffs)
@@ -271,6 +294,13 @@ def markdown(report, args):
     lines.append(f'| {v} | {s["runs"]} | ' + ' | '.join(cell(f'dice_{r}') for r in REGIONS)
                  + ' | ' + ' | '.join(cell(f'hd95_{r}', False) for r in REGIONS)
                  + f' | {teacher} |')
+  if any(s[f'seed_std_dice_{r}'] is not None for s in report['variants'].values()
+         for r in REGIONS):
+    lines += ['', '## Seed-to-seed spread (std of the 15-subset mean Dice between seeds of one '
+              'fold, pooled over folds)', '', '| variant | WT | TC | ET |', '|---|---|---|---|']
+    for v, s in report['variants'].items():
+      lines.append(f'| {v} | ' + ' | '.join(_pct(s[f'seed_std_dice_{r}']) for r in REGIONS)
+                   + ' |')
   lines += ['', '## Mean Dice per subset (%, all test cases), WT / TC / ET', '',
             '| subset | ' + ' | '.join(report['variants']) + ' |',
             '|---|' + '---|' * len(report['variants'])]
@@ -370,7 +400,11 @@ def main(argv=None):
   parser.add_argument('--folds', type=int, default=5)
   parser.add_argument('--val-cases', type=int, default=1)
   parser.add_argument('--steps', type=int, default=1500, help='training steps of every run')
-  parser.add_argument('--seeds', default='', help='comma-separated seeds (default: one, 0)')
+  parser.add_argument('--seeds', default='0',
+                      help='comma-separated seeds; each fold x variant is trained once per seed '
+                      '(seed 0 in fold<k>/, seed s in fold<k>_seed<s>/)')
+  parser.add_argument('--only-folds', default='',
+                      help='comma-separated fold indices to train and report (default: all)')
   parser.add_argument('--override', action='append', default=[],
                       help='a --config.field=value given to every run (repeatable)')
   parser.add_argument('--report-only', action='store_true',
@@ -380,7 +414,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.argv = argv
   args.variants = [v for v in args.variants.split(',') if v]
-  args.seeds = [int(s) for s in args.seeds.split(',') if s]
+  args.seeds = [int(s) for s in args.seeds.split(',') if s.strip()] or [0]
+  args.fold_ids = ([int(k) for k in args.only_folds.split(',') if k.strip()]
+                   or list(range(args.folds)))
+  bad = [k for k in args.fold_ids if not 0 <= k < args.folds]
+  if bad:
+    parser.error(f'--only-folds {bad}: fold indices run from 0 to {args.folds - 1}')
   os.makedirs(args.out, exist_ok=True)
   if args.smoke:
     args.config, args.base_variant = 'configs/brats.py', 'tiny'
@@ -396,7 +435,7 @@ def main(argv=None):
     runs = run_all(args, folds)
   else:
     runs = [(k, s, parse_variant(v)[0], run_dir(args.out, k, s, parse_variant(v)[0]))
-            for s in (args.seeds or [None]) for k in range(args.folds) for v in args.variants]
+            for s in args.seeds for k in args.fold_ids for v in args.variants]
   write_report(args, runs)
   return 0
 

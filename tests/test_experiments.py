@@ -73,6 +73,43 @@ def test_compare_variants_smoke(tmp_path):
   assert again.returncode == 0 and '[compare] fold' not in again.stdout
 
 
+def _compare_variants_module():
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  try:
+    import compare_variants
+  finally:
+    sys.path.pop(0)
+  return compare_variants
+
+
+def test_compare_variants_pairs_seed_by_seed_and_averages_per_case():
+  """With several seeds the paired interval is over test cases (a case's difference is the mean
+  of its per-seed differences), not over case x seed rows; the seed spread is the pooled
+  within-fold standard deviation."""
+  cv = _compare_variants_module()
+  from mstkd_jax.report import SUBSET_NAMES
+
+  def rows(dice):                               # dice[(case, seed)] on every subset, WT only
+    return [{'case': c, 'seed': s, 'region': 'WT', 'subset': sub, 'dice': d}
+            for (c, s), d in dice.items() for sub in SUBSET_NAMES]
+
+  variant = rows({('a', 0): 0.6, ('a', 1): 0.8, ('b', 0): 0.5, ('b', 1): 0.5,
+                  ('c', 0): 0.7, ('c', 1): 0.9})
+  base = rows({('a', 0): 0.5, ('a', 1): 0.5, ('b', 0): 0.6, ('b', 1): 0.4,
+               ('c', 0): 0.6, ('c', 2): 0.1})   # seed 2 has no partner: left out
+  wt = cv.paired(variant, base)['mean_15']['WT']
+  per_case = [0.2, 0.0, 0.1]                   # a: (0.1 + 0.3) / 2, b: (-0.1 + 0.1) / 2, c: 0.1
+  assert wt['cases'] == 3 and wt['improved'] == 2 and wt['worse'] == 0
+  assert wt['mean'] == pytest.approx(np.mean(per_case))
+  half = cv.t975(2) * np.std(per_case, ddof=1) / np.sqrt(3)
+  assert wt['ci95'] == pytest.approx([np.mean(per_case) - half, np.mean(per_case) + half])
+  assert cv.seed_std([[0.5, 0.7], [0.2, 0.2, 0.2], [0.9]]) == pytest.approx(
+      np.sqrt((np.var([0.5, 0.7], ddof=1) + 0.0) / 2))
+  assert cv.seed_std([[0.5], [0.9]]) is None
+  assert cv.run_dir('o', 3, 0, 'plain') == os.path.join('o', 'fold3', 'plain')
+  assert cv.run_dir('o', 3, 2, 'a+b=1') == os.path.join('o', 'fold3_seed2', 'a__b-1')
+
+
 @pytest.mark.slow
 def test_term_gradients_on_a_tiny_run(tmp_path):
   """experiments/term_gradients.py on a fresh state and on the checkpoint of a tiny training
