@@ -24,6 +24,7 @@ Report (``<out>/report.md``, ``<out>/report.json``, ``<out>/paired.png``):
   * per variant: the 15-subset mean Dice and HD95 of WT / TC / ET, mean +- standard deviation
     over folds (and seeds), and the teacher's Dice on the full input; with several seeds, the
     seed-to-seed standard deviation within a fold (pooled over folds);
+  * per run (fold and seed) and variant: the 15-subset mean Dice of the fold's test cases;
   * per variant and subset: mean Dice over all test cases;
   * paired comparison of each variant against ``--baseline`` (default ``plain``): per test case
     the difference of the 15-subset mean (and per subset the difference), its mean over the
@@ -191,8 +192,10 @@ def summarise(runs, variants, baseline):
     per_subset = {s: {reg: [] for reg in REGIONS} for s in SUBSET_NAMES}
     rows_all = []
     by_fold = {}                        # {fold: {region: [15-subset mean Dice per seed]}}
+    per_run = []                        # [{'fold', 'seed', 'dice_WT', ...}] in run order
     for k, seed, _, workdir in vruns:
       rows = read_rows(workdir)
+      per_run.append({'fold': k, 'seed': seed})
       for r in rows:
         r['seed'] = seed
       rows_all += rows
@@ -201,6 +204,7 @@ def summarise(runs, variants, baseline):
         for reg in REGIONS:
           score = float(np.mean([m[reg] for m in means.values()]))
           fold_scores[metric][reg].append(score)
+          per_run[-1][f'{metric}_{reg}'] = score
           if metric == 'dice':
             by_fold.setdefault(k, {}).setdefault(reg, []).append(score)
       teacher = case_means(rows, 'dice', (TEACHER_SUBSET,))
@@ -213,6 +217,7 @@ def summarise(runs, variants, baseline):
     rows_by[v] = rows_all
     report['variants'][v] = {
         'runs': len(vruns),
+        'per_run': per_run,
         **{f'seed_std_dice_{reg}': seed_std([f[reg] for f in by_fold.values()])
            for reg in REGIONS},
         **{f'{m}_{reg}': {'mean': float(np.mean(vals)) if vals else None,
@@ -301,6 +306,17 @@ def markdown(report, args):
     for v, s in report['variants'].items():
       lines.append(f'| {v} | ' + ' | '.join(_pct(s[f'seed_std_dice_{r}']) for r in REGIONS)
                    + ' |')
+  runs = sorted({(r['fold'], r['seed']) for s in report['variants'].values()
+                 for r in s['per_run']})
+  lines += ['', '## 15-subset mean Dice per run (%, the fold\'s test cases), WT / TC / ET', '',
+            '| fold | seed | ' + ' | '.join(report['variants']) + ' |',
+            '|---:|---:|' + '---|' * len(report['variants'])]
+  for fold, seed in runs:
+    cells = []
+    for s in report['variants'].values():
+      match = [r for r in s['per_run'] if (r['fold'], r['seed']) == (fold, seed)]
+      cells.append(' / '.join(_pct(match[0][f'dice_{r}']) for r in REGIONS) if match else '-')
+    lines.append(f'| {fold} | {seed} | ' + ' | '.join(cells) + ' |')
   lines += ['', '## Mean Dice per subset (%, all test cases), WT / TC / ET', '',
             '| subset | ' + ' | '.join(report['variants']) + ' |',
             '|---|' + '---|' * len(report['variants'])]

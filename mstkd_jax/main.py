@@ -33,7 +33,9 @@ def _define_flags():
   flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
                       'number, or a path to an exported student / converted network.')
   flags.DEFINE_string('out', None, 'export: output folder (default <workdir>/export).')
-  flags.DEFINE_string('split', 'test', "eval: which split to evaluate ('test' or 'val').")
+  flags.DEFINE_enum('split', 'test', ['test', 'val', 'train'],
+                    "eval: which split to evaluate ('train' shows how far the "
+                    'networks fit the cases they learned from).')
   flags.DEFINE_bool('allow_config_change', False,
                     'Resume a workdir whose config.json differs from --config.')
   flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')

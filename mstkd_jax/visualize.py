@@ -162,9 +162,24 @@ CURVES = (('val_dice', 'student, 15 subsets', '-'), ('val_teacher_dice', 'teache
                                                       '--'))
 
 
+def moving_average(values, window):
+  """The trailing mean of the last ``window`` values at each point (fewer at the start; NaNs
+  left out), so a noisy batch-1 loss shows its trend."""
+  values = np.asarray(values, float)
+  known = ~np.isnan(values)
+  sums = np.cumsum(np.concatenate([[0.0], np.where(known, values, 0.0)]))
+  counts = np.cumsum(np.concatenate([[0], known]))
+  idx = np.arange(1, len(values) + 1)
+  start = np.maximum(idx - window, 0)
+  n = counts[idx] - counts[start]
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(n > 0, (sums[idx] - sums[start]) / n, np.nan)
+
+
 def learning_curves(workdir, out=None):
-  """``<workdir>/curves.png``: the training loss and the validation Dice of student and
-  teacher against the step, from ``metrics.jsonl`` (None when it holds no step yet)."""
+  """``<workdir>/curves.png``: the training loss (as logged, faint, and its moving average)
+  and the validation Dice of student and teacher against the step, from ``metrics.jsonl``
+  (None when it holds no step yet)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return None
@@ -175,10 +190,15 @@ def learning_curves(workdir, out=None):
     return None
   matplotlib.use('Agg')
   fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
-  steps = [r['step'] for r in records if 'total' in r]
-  ax_loss.plot(steps, [r['total'] for r in records if 'total' in r], label='total loss')
-  ax_loss.plot(steps, [r.get('dice', float('nan')) for r in records if 'total' in r],
-               label='Dice loss (teacher + student)')
+  logged = [r for r in records if 'total' in r]
+  steps = [r['step'] for r in logged]
+  window = max(1, len(logged) // 20)
+  for key, label, colour in (('total', 'total loss', 'C0'),
+                             ('dice', 'Dice loss (teacher + student)', 'C1')):
+    values = [r.get(key, float('nan')) for r in logged]
+    ax_loss.plot(steps, values, color=colour, alpha=0.25, lw=0.8)
+    ax_loss.plot(steps, moving_average(values, window), color=colour,
+                 label=f'{label}, mean of {window} logs' if window > 1 else label)
   ax_loss.set_xlabel('step')
   ax_loss.set_yscale('log')
   ax_loss.legend()

@@ -62,11 +62,13 @@ def test_compare_variants_smoke(tmp_path):
   for stats in report['variants'].values():
     assert stats['runs'] == 2 and 0.0 <= stats['dice_WT']['mean'] <= 1.0
     assert stats['dice_WT']['std'] is not None
+    assert [(r['fold'], r['seed']) for r in stats['per_run']] == [(0, 0), (1, 0)]
   paired = report['paired']['mstkd']['mean_15']['WT']
   assert paired['cases'] == 8                    # every case is tested once over the folds
   assert paired['ci95'][0] <= paired['mean'] <= paired['ci95'][1]
   text = (out / 'report.md').read_text()
   assert 'Paired: mstkd minus plain' in text and 'FLAIR+T1+T1Gd+T2' in text
+  assert '15-subset mean Dice per run' in text
   assert (out / 'paired.png').stat().st_size > 0
   # Resumable: nothing is retrained.
   again = _run(args, timeout=300)
