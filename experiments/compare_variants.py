@@ -30,7 +30,9 @@ Report (``<out>/report.md``, ``<out>/report.json``, ``<out>/paired.png``):
     the difference of the 15-subset mean (and per subset the difference), its mean over the
     cases and a 95 % confidence interval (Student t over cases; every case is tested in one
     fold only, so cases are independent units; with several seeds a case's difference is the
-    mean of its per-seed differences), and how many cases improve.
+    mean of its per-seed differences), and how many cases improve; for the 15-subset mean also
+    a run-level interval (Student t over training runs, fold x seed: the cases of a fold share
+    one run's seed noise, so the case-level interval is too narrow with few seeds).
 """
 
 import argparse
@@ -197,7 +199,7 @@ def summarise(runs, variants, baseline):
       rows = read_rows(workdir)
       per_run.append({'fold': k, 'seed': seed})
       for r in rows:
-        r['seed'] = seed
+        r['seed'], r['fold'] = seed, k
       rows_all += rows
       for metric in ('dice', 'hd95'):
         means = case_means(rows, metric)
@@ -242,11 +244,12 @@ def seed_std(per_fold):
 
 
 def _by_key(rows, subsets):
-  """{(case, seed, region): mean Dice over ``subsets``}."""
+  """{(case, seed, region, fold): mean Dice over ``subsets``}."""
   out = {}
   for r in rows:
     if r['subset'] in subsets:
-      out.setdefault((r['case'], r.get('seed', 0), r['region']), []).append(r['dice'])
+      key = (r['case'], r.get('seed', 0), r['region'], r.get('fold', 0))
+      out.setdefault(key, []).append(r['dice'])
   return {k: float(np.mean(v)) for k, v in out.items()}
 
 
@@ -261,9 +264,10 @@ def paired(rows, base_rows):
     a, b = _by_key(rows, subsets), _by_key(base_rows, subsets)
     entry = {}
     for reg in REGIONS:
-      per_case = {}
+      per_case, per_run = {}, {}
       for key in sorted(k for k in a if k in b and k[2] == reg):
         per_case.setdefault(key[0], []).append(a[key] - b[key])
+        per_run.setdefault((key[3], key[1]), []).append(a[key] - b[key])
       diffs = [float(np.mean(d)) for d in per_case.values()]
       if not diffs:
         continue
@@ -271,6 +275,10 @@ def paired(rows, base_rows):
       entry[reg] = {'mean': mean, 'ci95': [lo, hi], 'cases': len(diffs),
                     'improved': int(sum(d > 0 for d in diffs)),
                     'worse': int(sum(d < 0 for d in diffs))}
+      # The run (fold x seed) as the unit: a fold's cases share one training run's noise.
+      run_diffs = [float(np.mean(d)) for d in per_run.values()]
+      run_mean, run_lo, run_hi = mean_ci(run_diffs)
+      entry[reg].update(runs=len(run_diffs), run_mean=run_mean, run_ci95=[run_lo, run_hi])
     if label == 'mean_15':
       out['mean_15'] = entry
     else:
@@ -339,8 +347,19 @@ def markdown(report, args):
         cells.append(f'{100 * e["mean"]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] '
                      f'{e["improved"]}/{e["worse"]}{flag}')
       lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+      if label == '15-subset mean':
+        cells = []
+        for reg in REGIONS:
+          e = entry.get(reg)
+          lo, hi = e['run_ci95'] if e else (float('nan'), float('nan'))
+          cells.append('-' if not e or math.isnan(lo) else
+                       f'{100 * e["run_mean"]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] '
+                       f'over {e["runs"]} runs' + (' *' if (lo > 0 or hi < 0) else ''))
+        lines.append('| 15-subset mean, run-level interval | ' + ' | '.join(cells) + ' |')
     lines.append('')
-    lines.append('`*`: the 95 % interval excludes 0.')
+    lines.append('`*`: the 95 % interval excludes 0. The run-level interval takes each training '
+                 'run (fold x seed: its test cases share its noise) as one unit; it is the one '
+                 'to trust when there are few seeds per fold.')
   return '\n'.join(lines) + '\n'
 
 

@@ -68,7 +68,8 @@ def test_compare_variants_smoke(tmp_path):
   assert paired['ci95'][0] <= paired['mean'] <= paired['ci95'][1]
   text = (out / 'report.md').read_text()
   assert 'Paired: mstkd minus plain' in text and 'FLAIR+T1+T1Gd+T2' in text
-  assert '15-subset mean Dice per run' in text
+  assert '15-subset mean Dice per run' in text and 'run-level interval' in text
+  assert paired['runs'] == 2 and paired['run_ci95'][0] <= paired['run_mean']
   assert (out / 'paired.png').stat().st_size > 0
   # Resumable: nothing is retrained.
   again = _run(args, timeout=300)
@@ -105,6 +106,10 @@ def test_compare_variants_pairs_seed_by_seed_and_averages_per_case():
   assert wt['mean'] == pytest.approx(np.mean(per_case))
   half = cv.t975(2) * np.std(per_case, ddof=1) / np.sqrt(3)
   assert wt['ci95'] == pytest.approx([np.mean(per_case) - half, np.mean(per_case) + half])
+  per_run = [np.mean([0.1, -0.1, 0.1]), np.mean([0.3, 0.1])]   # (fold 0, seed 0), (fold 0, seed 1)
+  assert wt['runs'] == 2 and wt['run_mean'] == pytest.approx(np.mean(per_run))
+  half = cv.t975(1) * np.std(per_run, ddof=1) / np.sqrt(2)
+  assert wt['run_ci95'] == pytest.approx([np.mean(per_run) - half, np.mean(per_run) + half])
   assert cv.seed_std([[0.5, 0.7], [0.2, 0.2, 0.2], [0.9]]) == pytest.approx(
       np.sqrt((np.var([0.5, 0.7], ddof=1) + 0.0) / 2))
   assert cv.seed_std([[0.5], [0.9]]) is None
