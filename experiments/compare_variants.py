@@ -193,7 +193,6 @@ def summarise(runs, variants, baseline):
     fold_scores = {m: {reg: [] for reg in REGIONS} for m in ('dice', 'hd95', 'teacher_dice')}
     per_subset = {s: {reg: [] for reg in REGIONS} for s in SUBSET_NAMES}
     rows_all = []
-    by_fold = {}                        # {fold: {region: [15-subset mean Dice per seed]}}
     per_run = []                        # [{'fold', 'seed', 'dice_WT', ...}] in run order
     for k, seed, _, workdir in vruns:
       rows = read_rows(workdir)
@@ -207,8 +206,6 @@ def summarise(runs, variants, baseline):
           score = float(np.mean([m[reg] for m in means.values()]))
           fold_scores[metric][reg].append(score)
           per_run[-1][f'{metric}_{reg}'] = score
-          if metric == 'dice':
-            by_fold.setdefault(k, {}).setdefault(reg, []).append(score)
       teacher = case_means(rows, 'dice', (TEACHER_SUBSET,))
       for reg in REGIONS:
         fold_scores['teacher_dice'][reg].append(
@@ -220,8 +217,9 @@ def summarise(runs, variants, baseline):
     report['variants'][v] = {
         'runs': len(vruns),
         'per_run': per_run,
-        **{f'seed_std_dice_{reg}': seed_std([f[reg] for f in by_fold.values()])
-           for reg in REGIONS},
+        **{f'seed_std_dice_{reg}': seed_std(
+            [[r[f'dice_{reg}'] for r in per_run if r['fold'] == k]
+             for k in sorted({r['fold'] for r in per_run})]) for reg in REGIONS},
         **{f'{m}_{reg}': {'mean': float(np.mean(vals)) if vals else None,
                           'std': float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
            for m, regs in fold_scores.items() for reg, vals in regs.items()},
@@ -290,6 +288,12 @@ def _pct(x):
   return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
 
 
+def _diff_cell(mean, lo, hi, tail):
+  """'+1.2 [-0.3, +2.7] <tail>', with ' *' when the interval excludes 0."""
+  flag = ' *' if (lo > 0 or hi < 0) else ''
+  return f'{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {tail}{flag}'
+
+
 def markdown(report, args):
   lines = [f'# Variant comparison ({report["runs"]} finished runs)', '',
            f'Command: `python experiments/compare_variants.py {" ".join(args.argv)}`', '',
@@ -342,19 +346,12 @@ def markdown(report, args):
         if not e:
           cells.append('-')
           continue
-        lo, hi = e['ci95']
-        flag = ' *' if (lo > 0 or hi < 0) else ''
-        cells.append(f'{100 * e["mean"]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] '
-                     f'{e["improved"]}/{e["worse"]}{flag}')
+        cells.append(_diff_cell(e['mean'], *e['ci95'], f'{e["improved"]}/{e["worse"]}'))
       lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
       if label == '15-subset mean':
-        cells = []
-        for reg in REGIONS:
-          e = entry.get(reg)
-          lo, hi = e['run_ci95'] if e else (float('nan'), float('nan'))
-          cells.append('-' if not e or math.isnan(lo) else
-                       f'{100 * e["run_mean"]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] '
-                       f'over {e["runs"]} runs' + (' *' if (lo > 0 or hi < 0) else ''))
+        cells = ['-' if not e or math.isnan(e['run_ci95'][0]) else
+                 _diff_cell(e['run_mean'], *e['run_ci95'], f'over {e["runs"]} runs')
+                 for e in (entry.get(reg) for reg in REGIONS)]
         lines.append('| 15-subset mean, run-level interval | ' + ' | '.join(cells) + ' |')
     lines.append('')
     lines.append('`*`: the 95 % interval excludes 0. The run-level interval takes each training '
