@@ -95,6 +95,12 @@ def base_config():
   train.keep_checkpoints = 3
   train.eval_every_epochs = 10
   train.nan_policy = 'stop'         # 'stop' | 'skip' (skip the update of a non-finite step)
+  # Offline distillation (not in the paper, which trains both networks together): a training
+  # workdir or an exported network whose weights the teacher starts from and keeps (the
+  # teacher is not trained). None: the teacher is initialised afresh and trained.
+  train.frozen_teacher = config_dict.placeholder(str)
+  # Which network of that workdir becomes the teacher: 'student' (None) or 'teacher'.
+  train.frozen_teacher_network = config_dict.placeholder(str)
 
   # ---- losses (SPEC section 4) ----
   loss = c.loss = config_dict.ConfigDict()

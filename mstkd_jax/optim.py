@@ -31,13 +31,27 @@ def learning_rate_schedule(config, steps_per_epoch):
   return schedule
 
 
+def teacher_is_frozen(config):
+  """True when ``train.frozen_teacher`` names weights the teacher keeps (offline distillation)."""
+  return bool(config.train.get('frozen_teacher'))
+
+
 def network_optimizer(config, steps_per_epoch):
-  """Adam(b1, b2) with L2 decay added to the gradient (PyTorch's Adam) and poly decay."""
+  """Adam(b1, b2) with L2 decay added to the gradient (PyTorch's Adam) and poly decay, over
+  {'teacher', 'student'}; with a frozen teacher the teacher's updates are zero (and it has no
+  Adam moments)."""
   train_cfg = config.train
-  return optax.chain(
+  adam = optax.chain(
       optax.add_decayed_weights(train_cfg.weight_decay),
       optax.scale_by_adam(b1=train_cfg.b1, b2=train_cfg.b2, eps=1e-8),
       optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)))
+  if not teacher_is_frozen(config):
+    return adam
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _: 'frozen' if name == 'teacher' else 'trained', tree)
+            for name, tree in params.items()}
+  return optax.multi_transform({'trained': adam, 'frozen': optax.set_to_zero()}, labels)
 
 
 def discriminator_optimizer(config):

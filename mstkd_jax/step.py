@@ -43,6 +43,8 @@ def network_objective(params, batch_stats, disc_params, image, image_m, label, k
   """
   net = network_from_config(config)
   cfg = config.loss
+  if optim.teacher_is_frozen(config):   # no gradient (and no backward pass) into the teacher
+    params = {**params, 'teacher': jax.lax.stop_gradient(params['teacher'])}
 
   def forward(name, x, key):
     with jax.named_scope(name):
@@ -81,6 +83,9 @@ def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch):
   tx = optim.network_optimizer(config, steps_per_epoch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+
+  if optim.teacher_is_frozen(config):   # it keeps its running statistics too
+    new_stats = {**new_stats, 'teacher': state.batch_stats['teacher']}
 
   metrics = dict(terms)
   disc_params, disc_opt_state = state.disc_params, state.disc_opt_state

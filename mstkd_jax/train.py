@@ -28,6 +28,7 @@ from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import host_memory
+from mstkd_jax import optim
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
 from mstkd_jax.models import build
@@ -91,6 +92,30 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
   return parallel.host_to_global(host, shardings)
+
+
+def with_frozen_teacher(config, state, shardings):
+  """``state`` with the teacher's weights read from ``train.frozen_teacher`` (a training
+  workdir, whose ``train.frozen_teacher_network`` is taken, or an exported network), placed
+  like the fresh teacher. The source must have this config's model, input and spacing."""
+  source = config.train.frozen_teacher
+  name = config.train.get('frozen_teacher_network') or 'student'
+  if name not in ('student', 'teacher'):
+    raise ckpt.CheckpointError(f"train.frozen_teacher_network: {name!r}, expected 'student' or "
+                               "'teacher'")
+  try:
+    loaded = ckpt.load_networks(None, source, None, names=(name,))
+  except FileNotFoundError as e:
+    raise ckpt.CheckpointError(f'train.frozen_teacher: {e}') from e
+  ckpt.check_compatible(config, loaded.config, source)
+  variables = loaded.primary() if loaded.is_export else loaded.networks[name]
+  variables = jax.device_get(variables)
+  params = parallel.host_to_global(variables['params'], shardings.params['teacher'])
+  stats = parallel.host_to_global(variables['batch_stats'], shardings.batch_stats['teacher'])
+  logging.info('frozen teacher: the %s of %s (%s); it is not trained',
+               'network' if loaded.is_export else name, source, loaded.source)
+  return state.replace(params={**state.params, 'teacher': params},
+                       batch_stats={**state.batch_stats, 'teacher': stats})
 
 
 def batch_struct(config, global_batch_size, mesh):
@@ -292,6 +317,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     logging.info('building the networks and initialising the train state (compiles the '
                  'initialisation once: tens of seconds on a CPU)')
     state = create_state(config, mesh, steps_per_epoch, shardings)
+    if optim.teacher_is_frozen(config):
+      state = with_frozen_teacher(config, state, shardings)
     logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
                  build.count_params(state.params['teacher']),
                  build.count_params(state.params['student']),
