@@ -5,7 +5,6 @@ restore targets, leftovers of a crash), the workdir-config check, and exact resu
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

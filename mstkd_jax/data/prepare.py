@@ -9,8 +9,6 @@ case of the split into the cache (``config.data.cache_dir``, default ``<workdir>
 settings are not redone; training does the same automatically on first use.
 """
 
-import sys
-
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
