@@ -29,17 +29,20 @@ def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
-def fresh_state(config):
+@pytest.fixture(scope='module')
+def fresh(tiny_state, tiny_config):
+  """(the tiny config's initial state, its shardings): the session's state, not compiled again.
+  Its networks are those of a fresh frozen-teacher run (same seed); only the optimizer state
+  differs, which with_frozen_teacher does not touch."""
   mesh = parallel.make_mesh()
-  abstract = build.abstract_state(config, 1)
-  shardings = train.state_shardings(config, mesh, abstract)
-  return train.create_state(config, mesh, 1, shardings), shardings
+  shardings = train.state_shardings(tiny_config, mesh, build.abstract_state(tiny_config, 1))
+  return tiny_state, shardings
 
 
-def test_the_frozen_teacher_keeps_the_source_weights_and_the_student_trains(source, tmp_path):
+def test_the_frozen_teacher_keeps_the_source_weights_and_the_student_trains(source, fresh,
+                                                                            tmp_path):
   config = frozen_config(source.workdir)
-  start, _ = fresh_state(config)
-  start_student = jax.device_get(start.params['student'])
+  start_student = jax.device_get(fresh[0].params['student'])
   batches = train.random_batches(config, 1)
   state = train.train_loop(config, str(tmp_path / 'run'), batches, steps_per_epoch=1,
                            max_steps=2)
@@ -57,9 +60,10 @@ def test_the_frozen_teacher_keeps_the_source_weights_and_the_student_trains(sour
   assert n_moments < 2.5 * n_student, (n_moments, n_student)
 
 
-def test_the_teacher_can_come_from_a_workdirs_teacher_or_an_export(source, tmp_path_factory):
+def test_the_teacher_can_come_from_a_workdirs_teacher_or_an_export(source, fresh,
+                                                                    tmp_path_factory):
   exported = helpers_eval.exported(tmp_path_factory)
-  state, shardings = fresh_state(frozen_config(source.workdir, 'teacher'))
+  state, shardings = fresh
   loaded = train.with_frozen_teacher(frozen_config(source.workdir, 'teacher'), state, shardings)
   assert_trees_equal(loaded.params['teacher'], source.state.params['teacher'])
   assert_trees_equal(loaded.params['student'], state.params['student'])
@@ -67,8 +71,8 @@ def test_the_teacher_can_come_from_a_workdirs_teacher_or_an_export(source, tmp_p
   assert_trees_equal(loaded.params['teacher'], source.state.params['student'])
 
 
-def test_bad_frozen_teacher_settings_are_named(source, tmp_path):
-  state, shardings = fresh_state(frozen_config(source.workdir))
+def test_bad_frozen_teacher_settings_are_named(source, fresh, tmp_path):
+  state, shardings = fresh
   with pytest.raises(ckpt.CheckpointError, match='train.frozen_teacher: .*nowhere'):
     train.with_frozen_teacher(frozen_config(str(tmp_path / 'nowhere')), state, shardings)
   with pytest.raises(ckpt.CheckpointError, match="frozen_teacher_network: 'both'"):
