@@ -94,15 +94,30 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   return parallel.host_to_global(host, shardings)
 
 
+def frozen_teacher_network(config):
+  """The network of ``train.frozen_teacher``'s workdir that becomes the teacher ('student' unless
+  ``train.frozen_teacher_network`` says 'teacher'), or None when the teacher is trained. Raises
+  CheckpointError naming the field for a bad name or a network named without a source."""
+  name = config.train.get('frozen_teacher_network')
+  if not optim.teacher_is_frozen(config):
+    if name:
+      raise ckpt.CheckpointError(
+          f'train.frozen_teacher_network: {name!r} is set but train.frozen_teacher is not (name '
+          'the workdir or export whose network the teacher starts from, or drop the field)')
+    return None
+  name = name or 'student'
+  if name not in ('student', 'teacher'):
+    raise ckpt.CheckpointError(f"train.frozen_teacher_network: {name!r}, expected 'student' or "
+                               "'teacher'")
+  return name
+
+
 def with_frozen_teacher(config, state, shardings):
   """``state`` with the teacher's weights read from ``train.frozen_teacher`` (a training
   workdir, whose ``train.frozen_teacher_network`` is taken, or an exported network), placed
   like the fresh teacher. The source must have this config's model, input and spacing."""
   source = config.train.frozen_teacher
-  name = config.train.get('frozen_teacher_network') or 'student'
-  if name not in ('student', 'teacher'):
-    raise ckpt.CheckpointError(f"train.frozen_teacher_network: {name!r}, expected 'student' or "
-                               "'teacher'")
+  name = frozen_teacher_network(config)
   try:
     loaded = ckpt.load_networks(None, source, None, names=(name,))
   except FileNotFoundError as e:
@@ -277,6 +292,7 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   runs this function. Returns the final state.
   """
   train_cfg = config.train
+  frozen_teacher_network(config)  # a bad setting fails before anything is written
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else parallel.make_mesh()
   global_bs = train_cfg.batch_size_per_device * mesh.size

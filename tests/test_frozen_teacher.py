@@ -88,3 +88,12 @@ def test_only_a_named_source_freezes_the_teacher():
   assert not optim.teacher_is_frozen(config)
   config.train.frozen_teacher = '/some/run'
   assert optim.teacher_is_frozen(config)
+  assert train.frozen_teacher_network(config) == 'student'
+
+
+def test_a_network_named_without_a_source_is_an_error(tmp_path):
+  config = helpers_eval.tiny_eval_config()
+  config.train.frozen_teacher_network = 'teacher'
+  with pytest.raises(ckpt.CheckpointError, match='frozen_teacher_network.*frozen_teacher is not'):
+    train.train_loop(config, str(tmp_path / 'run'), iter(()), steps_per_epoch=1)
+  assert not (tmp_path / 'run').exists()
