@@ -7,7 +7,7 @@ the student's weighted loss terms one at a time,
              L_MST, agreement: lambda2 w(epoch) L_mse, KL: lambda2 L_KL, adversarial:
              lambda3 epsilon L_adv, style: lambda3 theta L_style, content: c L_content}
 
-(the weights of ``losses.total_loss``; the script checks that the parts add up to its total),
+(``losses.weighted_terms``: the shares of the training loss, which is their sum),
 and measures for each part, on a few training batches and modality subsets:
 
   * ||g_part||: the norm of its gradient with respect to the student's parameters;
@@ -37,29 +37,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mstkd_jax import checkpoint, modalities, optim, step  # noqa: E402
+from mstkd_jax import checkpoint, losses, modalities, optim, step  # noqa: E402
 from mstkd_jax.data import pipeline  # noqa: E402
 from mstkd_jax.models import build  # noqa: E402
-
-
-def weighted_parts(terms, cfg):
-  """{part: its contribution to the total loss} (only the student's terms and the teacher's
-  Dice, which has no gradient on the student)."""
-  scale = terms.get('distill_scale', 1.0)
-  parts = {'dice_teacher': (1.0 - cfg.missing_weight) * terms['dice_teacher'],
-           'dice_student': cfg.missing_weight * terms['dice_student']}
-  if cfg.lambda_mstkd:
-    parts['evd'] = scale * cfg.lambda_mstkd * cfg.evd_alpha * terms['evd']
-    parts['mst'] = scale * cfg.lambda_mstkd * cfg.mst_beta * terms['mst']
-  if cfg.lambda_logit:
-    parts['agreement'] = scale * cfg.lambda_logit * terms['agreement_weight'] * terms['agreement']
-    parts['kl'] = scale * cfg.lambda_logit * terms['kl']
-  if cfg.lambda_gsme:
-    parts['adv'] = scale * cfg.lambda_gsme * cfg.adv_epsilon * terms['adv']
-    parts['style'] = scale * cfg.lambda_gsme * cfg.style_theta * terms['style']
-  if cfg.content_weight:
-    parts['content'] = scale * cfg.content_weight * terms['content']
-  return parts
 
 
 def make_measure(config):
@@ -71,33 +51,23 @@ def make_measure(config):
     p = {'teacher': params['teacher'], 'student': student}
     _, (terms, *_) = step.network_objective(p, batch_stats, disc_params, image, image_m, label,
                                             keys, epoch, config)
-    parts = weighted_parts(terms, config.loss)
-    return parts, terms['total']
+    return losses.weighted_terms(terms, config.loss)
 
   @jax.jit
   def measure(params, batch_stats, disc_params, image, label, mask, keys, epoch):
     image_m = modalities.apply_masks(image, mask[None])
     args = (params, batch_stats, disc_params, image, image_m, label, keys, epoch)
-    parts, total = parts_of(params['student'], *args)
+    parts = parts_of(params['student'], *args)
     # One reverse pass per part: {part: gradient tree over the student's parameters}.
-    jac = jax.jacrev(lambda s: parts_of(s, *args)[0])(params['student'])
+    jac = jax.jacrev(lambda s: parts_of(s, *args))(params['student'])
     flat = {n: jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for n, t in jac.items()}
     norms = {n: jnp.linalg.norm(g) for n, g in flat.items()}
     ref = flat['dice_student']
     cos = {n: g @ ref / jnp.maximum(norms[n] * norms['dice_student'], 1e-30)
            for n, g in flat.items()}
-    return parts, norms, cos, total
-
-  def run(*args):
-    parts, norms, cos, total = jax.device_get(measure(*args))
-    added = float(sum(parts.values()))
-    if abs(added - float(total)) > 1e-4 * max(1.0, abs(float(total))):
-      raise AssertionError(f'the weighted parts add up to {added}, the total loss is '
-                           f'{float(total)}: weighted_parts is out of step with '
-                           'losses.total_loss')
     return parts, norms, cos
 
-  return run
+  return lambda *args: jax.device_get(measure(*args))
 
 
 def main(argv=None):

@@ -170,13 +170,11 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
   terms['dice_student'] = dice_loss(out_m.probs, y)
   terms['dice'] = ((1.0 - cfg.missing_weight) * terms['dice_teacher']
                    + cfg.missing_weight * terms['dice_student'])
-  distill = 0.0
 
   if cfg.lambda_mstkd:
     terms['evd'] = extreme_value_loss([sg(a) for a in out_f.attention], out_m.attention)
     terms['mst'] = feature_loss([sg(z) for z in out_f.features], out_m.features)
     terms['mstkd'] = cfg.evd_alpha * terms['evd'] + cfg.mst_beta * terms['mst']
-    distill += cfg.lambda_mstkd * terms['mstkd']
 
   if cfg.lambda_logit:
     if cfg.agreement_on == 'probabilities':
@@ -190,7 +188,6 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
                                              cfg.agreement_rampup_epochs)
     terms['kl'] = standardized_kl_loss(sg(out_f.logits), out_m.logits, cfg.kl_temperature)
     terms['logit'] = terms['agreement_weight'] * terms['agreement'] + terms['kl']
-    distill += cfg.lambda_logit * terms['logit']
 
   if cfg.lambda_gsme:
     terms['adv'] = adversarial_loss(d_logits_m)
@@ -198,15 +195,34 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
     g_m = [out_m.c3d, out_m.style, out_m.content]
     terms['style'] = style_matching_loss(g_f, g_m, cfg.style_scale)
     terms['gsme'] = cfg.adv_epsilon * terms['adv'] + cfg.style_theta * terms['style']
-    distill += cfg.lambda_gsme * terms['gsme']
 
   if cfg.content_weight:
     terms['content'] = content_loss(sg(out_f.content), out_m.content)
-    distill += cfg.content_weight * terms['content']
 
-  scale = distillation_scale(epoch, cfg.get('distill_delay_epochs', 0.0),
-                             cfg.get('distill_ramp_epochs', 0.0))
   if cfg.get('distill_delay_epochs', 0.0) or cfg.get('distill_ramp_epochs', 0.0):
-    terms['distill_scale'] = scale
-  terms['total'] = terms['dice'] + scale * distill
+    terms['distill_scale'] = distillation_scale(epoch, cfg.get('distill_delay_epochs', 0.0),
+                                                cfg.get('distill_ramp_epochs', 0.0))
+  terms['total'] = sum(weighted_terms(terms, cfg).values())
   return terms
+
+
+def weighted_terms(terms, cfg) -> Dict[str, jax.Array]:
+  """{term: its share of the total loss} for the ``terms`` of ``total_loss``: the total is
+  their sum. The teacher's and the student's Dice weighted by 1 - w_m and w_m; each
+  distillation term times its lambda, its inner weight and r(epoch) (``terms['distill_scale']``,
+  1 when absent)."""
+  r = terms.get('distill_scale', 1.0)
+  parts = {'dice_teacher': (1.0 - cfg.missing_weight) * terms['dice_teacher'],
+           'dice_student': cfg.missing_weight * terms['dice_student']}
+  if cfg.lambda_mstkd:
+    parts['evd'] = r * cfg.lambda_mstkd * cfg.evd_alpha * terms['evd']
+    parts['mst'] = r * cfg.lambda_mstkd * cfg.mst_beta * terms['mst']
+  if cfg.lambda_logit:
+    parts['agreement'] = r * cfg.lambda_logit * terms['agreement_weight'] * terms['agreement']
+    parts['kl'] = r * cfg.lambda_logit * terms['kl']
+  if cfg.lambda_gsme:
+    parts['adv'] = r * cfg.lambda_gsme * cfg.adv_epsilon * terms['adv']
+    parts['style'] = r * cfg.lambda_gsme * cfg.style_theta * terms['style']
+  if cfg.content_weight:
+    parts['content'] = r * cfg.content_weight * terms['content']
+  return parts

@@ -120,8 +120,7 @@ def test_compare_variants_pairs_seed_by_seed_and_averages_per_case():
 @pytest.mark.slow
 def test_term_gradients_on_a_tiny_run(tmp_path):
   """experiments/term_gradients.py on a fresh state and on the checkpoint of a tiny training
-  run: every student term measured, the Dice gradient's cosine with itself 1 (the script
-  checks itself that its weighted parts add up to the training loss)."""
+  run: every student term measured, the Dice gradient's cosine with itself 1."""
   workdir = tmp_path / 'work'
   proc = _run(['-m', 'mstkd_jax.main', '--config=configs/brats.py:tiny', f'--workdir={workdir}',
                '--config.train.epochs=1', '--config.eval.val_subsets=full'], timeout=600)

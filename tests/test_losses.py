@@ -161,6 +161,13 @@ def test_total_loss_weights_combine_terms(tiny_config):
           + 3.0 * (cfg.adv_epsilon * t['adv'] + cfg.style_theta * t['style'])
           + 0.7 * t['content'])
   np.testing.assert_allclose(t['total'], want, rtol=1e-6)
+  # weighted_terms: each term's share of the total, one entry per term.
+  parts = losses.weighted_terms(t, cfg)
+  assert set(parts) == {'dice_teacher', 'dice_student', 'evd', 'mst', 'agreement', 'kl', 'adv',
+                        'style', 'content'}
+  np.testing.assert_allclose(parts['mst'], 0.5 * cfg.mst_beta * t['mst'], rtol=1e-6)
+  np.testing.assert_allclose(parts['kl'], 2.0 * t['kl'], rtol=1e-6)
+  np.testing.assert_allclose(parts['content'], 0.7 * t['content'], rtol=1e-6)
   # Ablations remove their terms from the total.
   cfg.update(lambda_mstkd=0.0, lambda_logit=0.0, lambda_gsme=0.0, content_weight=0.0)
   t = losses.total_loss(f, m, y, None, 7, cfg)
@@ -201,6 +208,8 @@ def test_teacher_warmup_scales_every_distillation_term(tiny_config):
   np.testing.assert_allclose(half['total'] - half['dice'],
                              0.5 * (losses.total_loss(f, m, y, jnp.ones(1), 6, tiny_config.loss)
                                     ['total'] - half['dice']), rtol=1e-5)
+  np.testing.assert_allclose(losses.weighted_terms(half, cfg)['kl'],
+                             0.5 * cfg.lambda_logit * half['kl'], rtol=1e-6)
   after = losses.total_loss(f, m, y, jnp.ones(1), 9, cfg)
   assert float(after['distill_scale']) == 1.0
   assert 'distill_scale' not in plain
