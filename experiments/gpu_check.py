@@ -1,21 +1,36 @@
-"""The GPU check: full-size training step and 15-subset evaluation throughput, as JSON lines.
+"""The GPU check: compile times, training-step and evaluation throughput, kernel profile, as JSON lines.
 
-  python experiments/gpu_check.py --out gpu_check.jsonl            # on a GPU, ~6-8 minutes
-  python experiments/gpu_check.py --smoke                          # the same code, CPU, :tiny
-  python experiments/gpu_check.py --torch-ref-dir .ref             # also the authors' step
+  python experiments/gpu_check.py --out gpu_check.jsonl --artifacts-dir arts   # GPU, ~9 min
+  python experiments/gpu_check.py --smoke                                      # the same code, CPU, :tiny
+  python experiments/gpu_check.py --torch-ref-dir .ref                         # also the authors' step
 
-Measurements, each in its own subprocess (a crash, a hang or an out-of-memory in one leaves
-the others standing; each starts with an empty device):
+Two phases, each measurement in its own subprocess (a crash, a hang or an out-of-memory in one
+leaves the others standing; each starts with an empty device):
+
+1. Cold compile (``compile_*`` lines): one process per step and evaluation program of the run,
+   ``--precompile-jobs`` at a time, each compiling its program and the state's initialisation
+   into an empty persistent compilation cache (``--cache-dir``) and reporting the seconds.
+   Several compile side by side (the machine has many cores; ``concurrent`` says how many), so
+   these are upper bounds of one cold compile on an idle machine.
+2. Measurements, one after another, each a fresh process reading that cache (so ``compile_s``
+   and ``init_s`` below are warm: what a restarted job pays):
   env         device kind and count, jax / jaxlib / flax versions, CUDA and driver versions;
   step_*      the full training step at 160x192x128 (teacher + student forwards, every loss,
-              one backward, both optimisers) for float32 / bfloat16 x remat off / on:
+              one backward, both optimisers) for float32 / bfloat16 x remat off / on, and
+              with NDHWC convolution layouts forced (``_nhwc``, see ``NHWC_FLAG``):
               compile time, compiled memory (``compiled.memory_analysis()``), seconds per step
               (each step synchronised, and a pipelined run of several steps), volumes/s,
               peak device memory, achieved TFLOP/s and MFU from the step's 6,670 GFLOP
-              (REFERENCE_NUMBERS.md) against the chip's dense bf16 peak;
+              (REFERENCE_NUMBERS.md) against the chip's dense bf16 peak. Those marked in
+              ``STEP_CASES`` then trace one step under ``jax.profiler.trace`` (``profile``):
+              device time by kind of operation (convolution, GroupNorm, matmul, ...;
+              ``profile_step.classify``) and the ten kernels that take the most time, with
+              the XLA instruction each belongs to; with ``--artifacts-dir`` the compiled HLO
+              text and every kernel's time are kept there;
   eval_*      the 15-subset evaluation of one full-size synthetic case (15 student forwards
               plus the teacher, Dice and HD95 on the host), as ``evaluate.evaluate_cases``
-              runs it: compile time, seconds per case, forwards per second;
+              runs it, and its parts: host <-> device copies, one forward on the device, the
+              15 forwards, the host's scoring;
   torch_ref   (with --torch-ref-dir) the authors' PyTorch step on the same device, from their
               files extracted into that folder with ``ref_torch_step.py`` beside them.
 Every line is a JSON object with a ``case`` field; failures are lines with ``error``.
@@ -37,15 +52,39 @@ sys.path.insert(0, ROOT)
 STEP_GFLOP_FULL = 6670.0
 # NVIDIA H200 / H100 SXM dense bf16 tensor-core peak (datasheet), TFLOP/s.
 PEAK_TFLOPS = {'H200': 989.4, 'H100': 989.4}
+# The learning-rate schedule's epoch length (any value; the step's cost does not depend on it).
+STEPS_PER_EPOCH = 100
 
-STEP_CASES = [('step_bf16', 'bfloat16', False), ('step_f32', 'float32', False),
-              ('step_bf16_remat', 'bfloat16', True), ('step_f32_remat', 'float32', True)]
-EVAL_CASES = [('eval_f32', 'float32'), ('eval_bf16', 'bfloat16')]
-# The most wanted first: a lease may end before the last.
-DEFAULT_CASES = ['env', 'step_bf16', 'step_f32', 'eval_f32', 'step_bf16_remat',
-                 'step_f32_remat', 'eval_bf16']
+# Step cases: data type, remat, extra XLA flags, profiled. On Hopper XLA gives cuDNN's 3D
+# convolutions NCDHW layouts, which cuDNN transposes to NDHWC and back inside every call (a
+# quarter of the bf16 step on 2026-12-04); the _nhwc cases force NDHWC instead.
+NHWC_FLAG = '--xla_gpu_force_conv_nhwc=true'
+STEP_CASES = {
+    'step_bf16': ('bfloat16', False, '', True),
+    'step_bf16_nhwc': ('bfloat16', False, NHWC_FLAG, True),
+    'step_f32': ('float32', False, '', True),
+    'step_f32_nhwc': ('float32', False, NHWC_FLAG, False),
+    'step_bf16_remat': ('bfloat16', True, '', False),
+    'step_f32_remat': ('float32', True, '', False),
+}
+EVAL_CASES = {'eval_f32': ('float32', ''), 'eval_bf16': ('bfloat16', ''),
+              'eval_bf16_nhwc': ('bfloat16', NHWC_FLAG)}
+# The most wanted first: a lease may end before the last (torch_ref, with --torch-ref-dir,
+# goes after eval_f32).
+DEFAULT_CASES = ['env', 'step_bf16', 'step_bf16_nhwc', 'step_f32', 'eval_f32',
+                 'step_bf16_remat', 'step_f32_remat', 'eval_bf16']
 # On the CPU every case costs a compilation of a minute or more: one of each kind.
 SMOKE_CASES = ['env', 'step_f32', 'eval_f32']
+
+
+def case_xla_flags(name):
+  """Extra XLA flags of a case (or of its cold compile, ``compile_<case>``)."""
+  name = name[len('compile_'):] if name.startswith('compile_') else name
+  if name in STEP_CASES:
+    return STEP_CASES[name][2]
+  if name in EVAL_CASES:
+    return EVAL_CASES[name][1]
+  return ''
 
 
 def _config(smoke, dtype='float32', remat=False):
@@ -105,41 +144,75 @@ def case_env(args):
   return out
 
 
-def case_step(args, dtype, remat):
-  """Compile and time the training step (the same function training runs)."""
+def _cache_entries():
+  """Files in the persistent compilation cache (0: this process compiles cold)."""
+  path = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if not path or not os.path.isdir(path):
+    return 0
+  return sum(len(files) for _, _, files in os.walk(path))
+
+
+def _compiled_step(args, dtype, remat):
+  """(config, mesh, compiled step, result dict with the compile figures) of one step variant."""
   import jax
-  import numpy as np
   from mstkd_jax import parallel, train
   from mstkd_jax.models import build
   from mstkd_jax.logging_utils import memory_dict
   config = _config(args.smoke, dtype, remat)
-  steps_per_epoch = 100
   mesh = parallel.make_mesh(jax.devices()[:1])
-  abstract = build.abstract_state(config, steps_per_epoch)
+  abstract = build.abstract_state(config, STEPS_PER_EPOCH)
   out = {'shape': list(config.data.input_shape), 'dtype': dtype, 'remat': remat,
-         'device': jax.devices()[0].device_kind, 'batch': 1}
-  _progress('compiling the step')
+         'device': jax.devices()[0].device_kind, 'batch': 1,
+         'cache_entries_at_start': _cache_entries()}
+  _progress(f'compiling the step ({out["cache_entries_at_start"]} files in the cache)')
   t0 = time.perf_counter()
-  compiled = train.compile_train_step(config, mesh, steps_per_epoch, abstract, 1)
+  compiled = train.compile_train_step(config, mesh, STEPS_PER_EPOCH, abstract, 1)
   out['compile_s'] = round(time.perf_counter() - t0, 2)
-  _progress(f'compiled in {out["compile_s"]} s; initialising the state')
+  _progress(f'compiled in {out["compile_s"]} s')
   memory = memory_dict(compiled)
   if memory:
     out['compiled_memory_gib'] = {k.replace('_bytes', ''): round(v / 2**30, 3)
                                   for k, v in memory.items()}
+  return config, mesh, compiled, out
+
+
+def _initial_state(config, mesh, out):
+  """The training state, batch and key of the step; ``out['init_s']`` the seconds it took."""
+  import jax
+  from mstkd_jax import parallel, train
+  _progress('initialising the state')
+  t0 = time.perf_counter()
+  state = train.create_state(config, mesh, STEPS_PER_EPOCH)
+  batch = parallel.global_batch(next(train.random_batches(config, 1)), mesh)
+  rng = parallel.replicated_key(0, mesh)
+  jax.block_until_ready(state)
+  out['init_s'] = round(time.perf_counter() - t0, 2)
+  _progress(f'initialised in {out["init_s"]} s')
+  return state, batch, rng
+
+
+def case_compile_step(args, dtype, remat):
+  """Cold-compile phase: compile one step variant and initialise its state, nothing more."""
+  config, mesh, _, out = _compiled_step(args, dtype, remat)
+  _initial_state(config, mesh, out)
+  return out
+
+
+def case_step(args, dtype, remat, profile=False):
+  """Compile and time the training step (the same function training runs); with ``profile``,
+  then one more step under the profiler (``_profile``)."""
+  profile_step = _load_profile_step(args.smoke) if profile else None
+  import jax
+  import numpy as np
+  config, mesh, compiled, out = _compiled_step(args, dtype, remat)
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out['xla_gflop'] = round(float(cost.get('flops', 0.0)) / 1e9, 1)
   except Exception:  # pylint: disable=broad-except
     pass
-  t0 = time.perf_counter()
-  state = train.create_state(config, mesh, steps_per_epoch)
-  batch = parallel.global_batch(next(train.random_batches(config, 1)), mesh)
-  rng = parallel.replicated_key(0, mesh)
-  jax.block_until_ready(state)
-  out['init_s'] = round(time.perf_counter() - t0, 2)
-  _progress(f'initialised in {out["init_s"]} s; stepping')
+  state, batch, rng = _initial_state(config, mesh, out)
+  _progress('stepping')
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
@@ -166,6 +239,8 @@ def case_step(args, dtype, remat):
     if peak:
       out['mfu_vs_dense_bf16_peak'] = round(STEP_GFLOP_FULL / best / 1e3 / peak, 4)
   out['device_memory_gib'] = {k: round(v / 2**30, 3) for k, v in _device_memory().items()}
+  if profile:
+    out['profile'] = _profile(args, profile_step, compiled, state, batch, rng)
   return out
 
 
@@ -185,51 +260,225 @@ def _synthetic_eval_case(config):
                   spacing=(1.0, 1.0, 1.0))
 
 
-def case_eval(args, dtype):
-  """The 15-subset evaluation of one case (student x 15 subsets + teacher), as evaluation runs."""
+def _eval_setup(args, dtype):
+  """Initialised variables, the compiled evaluation forward pass (run once) and one synthetic
+  case's 15 masked copies; ``out`` holds the seconds each took."""
   import jax
-  import numpy as np
   from mstkd_jax import evaluate
   from mstkd_jax.modalities import ALL_SUBSETS, masked_copies
   from mstkd_jax.models.mstkdnet import network_from_config
   from mstkd_jax.models.build import input_shape
   config = _config(args.smoke, dtype)
+  out = {'shape': list(config.data.input_shape), 'dtype': dtype,
+         'device': jax.devices()[0].device_kind, 'cache_entries_at_start': _cache_entries()}
   net = network_from_config(config)
+  _progress('initialising the network')
   t0 = time.perf_counter()
   variables = jax.jit(lambda k: net.init({'params': k, 'dropout': k},
                                          jax.numpy.zeros(input_shape(config)), train=False))(
                                              jax.random.key(0))
   variables = jax.device_get(variables)
-  init_s = time.perf_counter() - t0
+  out['init_s'] = round(time.perf_counter() - t0, 2)
   t0 = time.perf_counter()
   case = _synthetic_eval_case(config)
-  case_s = time.perf_counter() - t0
+  out['synthetic_case_s'] = round(time.perf_counter() - t0, 2)
   inference = evaluate.get_inference(config)
   placed = inference.place(variables)
   images = masked_copies(case.image, ALL_SUBSETS)
+  _progress('compiling the evaluation forward pass')
   t0 = time.perf_counter()
   inference.run(placed, images[:1])
-  compile_s = time.perf_counter() - t0
-  forwards = []
-  for _ in range(2):
-    t0 = time.perf_counter()
-    inference.run(placed, images)
-    forwards.append(time.perf_counter() - t0)
-  totals = []
-  for _ in range(2):
-    t0 = time.perf_counter()
-    rows = evaluate.evaluate_cases(config, [case], variables, teacher=variables,
-                                   progress=False)
-    totals.append(time.perf_counter() - t0)
-  return {'shape': list(config.data.input_shape), 'dtype': dtype,
-          'device': jax.devices()[0].device_kind, 'init_s': round(init_s, 2),
-          'synthetic_case_s': round(case_s, 2), 'compile_and_first_s': round(compile_s, 2),
-          'forwards_15_subsets_s': round(min(forwards), 3),
-          'forwards_per_s': round(15 / min(forwards), 2),
-          'case_15_subsets_plus_teacher_s': round(min(totals), 3),
-          'cases_per_hour': round(3600 / min(totals), 1), 'rows': len(rows),
-          'mean_dice': round(float(np.mean([r['dice'] for r in rows])), 4),
-          'device_memory_gib': {k: round(v / 2**30, 3) for k, v in _device_memory().items()}}
+  out['compile_and_first_s'] = round(time.perf_counter() - t0, 2)
+  _progress(f'compiled and ran once in {out["compile_and_first_s"]} s')
+  return config, variables, inference, placed, images, case, out
+
+
+def case_compile_eval(args, dtype):
+  """Cold-compile phase: the evaluation forward pass, compiled and run once."""
+  return _eval_setup(args, dtype)[-1]
+
+
+def case_eval(args, dtype):
+  """The 15-subset evaluation of one case (student x 15 subsets + teacher), as evaluation runs,
+  and its parts: host <-> device copies, one forward on a device-resident input, the 15
+  forwards through ``Inference.run`` and the host's scoring (Dice, HD95) of the 16 outputs."""
+  import jax
+  import numpy as np
+  from mstkd_jax import evaluate, report
+  config, variables, inference, placed, images, case, out = _eval_setup(args, dtype)
+  _progress('host <-> device copies')
+  batch = np.ascontiguousarray(images[:1])
+  t0 = time.perf_counter()
+  on_device = jax.block_until_ready(jax.device_put(batch))
+  h2d = time.perf_counter() - t0
+  probs = jax.block_until_ready(inference._fn(placed, on_device))  # pylint: disable=protected-access
+  t0 = time.perf_counter()
+  np.asarray(probs)
+  d2h = time.perf_counter() - t0
+  out.update(input_mib=round(batch.nbytes / 2**20, 1), h2d_s=round(h2d, 4),
+             output_mib=round(probs.nbytes / 2**20, 1), d2h_s=round(d2h, 4))
+  t0 = time.perf_counter()
+  for _ in range(3):
+    probs = inference._fn(placed, on_device)  # pylint: disable=protected-access
+  jax.block_until_ready(probs)
+  out['forward_device_resident_s'] = round((time.perf_counter() - t0) / 3, 4)
+  _progress('15 forwards through Inference.run')
+  t0 = time.perf_counter()
+  outputs = dict(zip(range(len(images)), inference.run(placed, images)))
+  out['forwards_15_subsets_s'] = round(time.perf_counter() - t0, 3)
+  out['forwards_per_s'] = round(15 / out['forwards_15_subsets_s'], 2)
+  _progress('scoring 16 outputs on the host')
+  from mstkd_jax.modalities import ALL_SUBSETS
+  outputs = {subset: outputs[i] for i, subset in enumerate(ALL_SUBSETS)}
+  outputs[report.TEACHER_SUBSET] = outputs[ALL_SUBSETS[-1]]
+  t0 = time.perf_counter()
+  evaluate._case_rows(case.case_id, case.label, case.spacing, outputs,  # pylint: disable=protected-access
+                      'brats')
+  out['scoring_16_outputs_s'] = round(time.perf_counter() - t0, 3)
+  del outputs
+  _progress('evaluate_cases on the case')
+  t0 = time.perf_counter()
+  rows = evaluate.evaluate_cases(config, [case], variables, teacher=variables, progress=False)
+  total = time.perf_counter() - t0
+  out.update({'case_15_subsets_plus_teacher_s': round(total, 3),
+              'cases_per_hour': round(3600 / total, 1), 'rows': len(rows),
+              'mean_dice': round(float(np.mean([r['dice'] for r in rows])), 4),
+              'device_memory_gib': {k: round(v / 2**30, 3)
+                                    for k, v in _device_memory().items()}})
+  return out
+
+
+def _load_profile_step(smoke):
+  """experiments/profile_step.py as a module. On the CPU it turns XLA:CPU's per-op trace events
+  on, so it is imported before the backend starts (and the step compiles anew: the flag is part
+  of the program's cache key); elsewhere that flag is taken off again."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'profile_step', os.path.join(ROOT, 'experiments', 'profile_step.py'))
+  module = importlib.util.module_from_spec(spec)
+  flags = os.environ.get('XLA_FLAGS')
+  spec.loader.exec_module(module)
+  if not smoke:   # the CPU's trace flag would change the GPU program's cache key: drop it
+    if flags is None:
+      os.environ.pop('XLA_FLAGS', None)
+    else:
+      os.environ['XLA_FLAGS'] = flags
+  return module
+
+
+def _trace_file(trace_dir):
+  import glob
+  files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  if not files:
+    raise FileNotFoundError(f'no *.trace.json.gz written under {trace_dir}')
+  return sorted(files)[-1]
+
+
+def device_kernel_events(path):
+  """[(kernel name, XLA instruction or '', microseconds)] of the trace's device events: those on
+  a process named like a GPU ('/device:GPU:0'). Empty on the CPU."""
+  import gzip
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data['traceEvents'] if isinstance(data, dict) else data
+  device_pids = {e.get('pid') for e in events
+                 if e.get('ph') == 'M' and e.get('name') == 'process_name'
+                 and 'GPU' in str(e.get('args', {}).get('name', ''))}
+  # Kernels are on the 'Stream #N(...)' threads; other lines of a device (XLA Modules, XLA
+  # Ops, derived from the same kernels) would count their time twice.
+  threads = {(e.get('pid'), e.get('tid')): str(e.get('args', {}).get('name', ''))
+             for e in events if e.get('ph') == 'M' and e.get('name') == 'thread_name'
+             and e.get('pid') in device_pids}
+  streams = {k for k, v in threads.items() if v.startswith('Stream')}
+  out = []
+  for e in events:
+    if e.get('ph') != 'X' or e.get('pid') not in device_pids:
+      continue
+    if streams and (e.get('pid'), e.get('tid')) not in streams:
+      continue
+    args = e.get('args') or {}
+    hlo = args.get('hlo_op') or args.get('long_name') or ''
+    out.append((e.get('name', ''), str(hlo), float(e.get('dur', 0.0))))
+  return out
+
+
+def _kernel_key(name):
+  return name.replace('.', '_').replace('-', '_')
+
+
+def _instruction_of(name, hlo_op, instructions, by_kernel):
+  """The compiled program's instruction a kernel belongs to (XLA names its kernels after the
+  fusion, with '.' spelt '_'; ``by_kernel`` maps those spellings back), or None."""
+  for candidate in (hlo_op, name):
+    if candidate in instructions:
+      return candidate
+  for candidate in (hlo_op, name):
+    if _kernel_key(candidate) in by_kernel:
+      return by_kernel[_kernel_key(candidate)]
+  return None
+
+
+def _profile(args, profile_step, compiled, state, batch, rng):
+  """One more step under the profiler: device time by kind and the ten slowest kernels."""
+  import collections
+  import gzip
+  import shutil
+  import tempfile
+  import jax
+  hlo_text = compiled.as_text()
+  instructions, computations = profile_step.parse_hlo(hlo_text)
+  out = {}
+  trace_dir = tempfile.mkdtemp(prefix='gpu_check_trace_')
+  _progress('tracing one step')
+  t0 = time.perf_counter()
+  with jax.profiler.trace(trace_dir):
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+  out['step_wall_s_under_profiler'] = round(time.perf_counter() - t0, 3)
+  path = _trace_file(trace_dir)
+  kernels = device_kernel_events(path)
+  out['trace_events_on_device'] = len(kernels)
+  if kernels:   # a GPU: one event per kernel
+    total_ms = sum(us for _, _, us in kernels) / 1e3
+    by_kind = collections.Counter()
+    by_kernel = collections.defaultdict(lambda: [0.0, 0, '', ''])
+    unmatched = 0.0
+    spellings = {_kernel_key(k): k for k in instructions}
+    for name, hlo, us in kernels:
+      instruction = _instruction_of(name, hlo, instructions, spellings)
+      kind = (profile_step.classify(instructions, computations, instruction)[0]
+              if instruction else 'unmatched')
+      unmatched += us / 1e3 if instruction is None else 0.0
+      by_kind[kind] += us / 1e3
+      entry = by_kernel[name]
+      entry[0] += us / 1e3
+      entry[1] += 1
+      entry[2] = entry[2] or (instruction or hlo)
+      entry[3] = entry[3] or kind
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:10]
+    out.update(
+        kernel_total_ms=round(total_ms, 2), kernels=len(kernels),
+        unmatched_ms=round(unmatched, 2),
+        by_kind_ms={k: round(v, 2) for k, v in by_kind.most_common()},
+        top10_kernels=[{'kernel': name[:160], 'ms': round(ms, 2), 'calls': calls,
+                        'instruction': instruction, 'kind': kind,
+                        'op': instructions.get(instruction, ('', '', None))[1][-120:]}
+                       for name, (ms, calls, instruction, kind) in top])
+  else:         # the CPU: the per-op events profile_step reads
+    events = profile_step.read_events(trace_dir, instructions)
+    summary = profile_step.summarise(events, instructions, computations, 10)
+    out.update(kernel_total_ms=summary['op_total_ms'], kernels=len(events),
+               by_kind_ms=summary['by_kind_ms'], top10_kernels=summary['top'])
+  if args.artifacts_dir:
+    os.makedirs(args.artifacts_dir, exist_ok=True)
+    name = f'{args.run_case}'
+    out['artifacts'] = [f'{name}.hlo.txt.gz', f'{name}.kernels.json.gz']
+    with gzip.open(os.path.join(args.artifacts_dir, out['artifacts'][0]), 'wt') as f:
+      f.write(hlo_text)
+    with gzip.open(os.path.join(args.artifacts_dir, out['artifacts'][1]), 'wt') as f:
+      json.dump([{'kernel': k, 'hlo_op': h, 'us': us} for k, h, us in kernels], f)
+  shutil.rmtree(trace_dir, ignore_errors=True)
+  return out
 
 
 def case_torch_ref(args):
@@ -280,10 +529,12 @@ def run_case(args):
   """Child process: one case, one JSON line on stdout."""
   name = args.run_case
   cases = dict(env=lambda: case_env(args), torch_ref=lambda: case_torch_ref(args))
-  for case, dtype, remat in STEP_CASES:
-    cases[case] = lambda d=dtype, r=remat: case_step(args, d, r)
-  for case, dtype in EVAL_CASES:
+  for case, (dtype, remat, _, profile) in STEP_CASES.items():
+    cases[case] = lambda d=dtype, r=remat, p=profile: case_step(args, d, r, p)
+    cases['compile_' + case] = lambda d=dtype, r=remat: case_compile_step(args, d, r)
+  for case, (dtype, _) in EVAL_CASES.items():
     cases[case] = lambda d=dtype: case_eval(args, d)
+    cases['compile_' + case] = lambda d=dtype: case_compile_eval(args, d)
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   result = {'case': name}
@@ -291,32 +542,85 @@ def run_case(args):
   print('RESULT ' + json.dumps(result), flush=True)
 
 
-def _child(args, name, timeout):
+def _child_command(args, name):
   cmd = [sys.executable, os.path.abspath(__file__), '--run-case', name,
          '--steps', str(args.steps), '--warmup', str(args.warmup)]
   if args.smoke:
     cmd.append('--smoke')
   if args.torch_ref_dir:
     cmd += ['--torch-ref-dir', args.torch_ref_dir]
+  if args.artifacts_dir:
+    cmd += ['--artifacts-dir', args.artifacts_dir]
+  return cmd
+
+
+def _child_env(args, name, share_device=False):
   env = dict(os.environ)
-  # Cases share one compilation cache (the initialisation program is the same for all).
+  flags = case_xla_flags(name)
+  if flags:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + flags).strip()
+  # Every case reads and writes one persistent compilation cache.
   env.setdefault('JAX_COMPILATION_CACHE_DIR', args.cache_dir)
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  if share_device:   # several processes on one GPU: none takes 75 % of its memory up front
+    env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
   if args.smoke:
     env['JAX_PLATFORMS'] = 'cpu'
-  t0 = time.perf_counter()
-  try:
-    # The child's stderr (its progress lines) goes straight to ours.
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
-  except subprocess.TimeoutExpired:
-    return {'case': name, 'error': f'timed out after {timeout:.0f} s'}
-  wall = round(time.perf_counter() - t0, 2)
-  for line in reversed(proc.stdout.splitlines()):
+  return env
+
+
+def _result(name, stdout, returncode, wall):
+  for line in reversed(stdout.splitlines()):
     if line.startswith('RESULT '):
       result = json.loads(line[len('RESULT '):])
       result['wall_s'] = wall
       return result
-  return {'case': name, 'error': f'exit status {proc.returncode} (its stderr is above)',
+  return {'case': name, 'error': f'exit status {returncode} (its stderr is above)',
           'wall_s': wall}
+
+
+def _child(args, name, timeout):
+  t0 = time.perf_counter()
+  try:
+    # The child's stderr (its progress lines) goes straight to ours.
+    proc = subprocess.run(_child_command(args, name), stdout=subprocess.PIPE, text=True,
+                          timeout=timeout, env=_child_env(args, name))
+  except subprocess.TimeoutExpired:
+    return {'case': name, 'error': f'timed out after {timeout:.0f} s'}
+  return _result(name, proc.stdout, proc.returncode, round(time.perf_counter() - t0, 2))
+
+
+def _compile_in_parallel(args, programs, jobs, timeout):
+  """The cold-compile phase: ``compile_<program>`` children, ``jobs`` at a time; their lines."""
+  import tempfile
+  pending, running, results = list(programs), [], []
+  start = time.perf_counter()
+  while pending or running:
+    while pending and len(running) < jobs:
+      name = 'compile_' + pending.pop(0)
+      log = tempfile.TemporaryFile(mode='w+')
+      proc = subprocess.Popen(_child_command(args, name), stdout=log, text=True,
+                              env=_child_env(args, name, share_device=True))
+      running.append((name, proc, log, time.perf_counter()))
+    time.sleep(0.5)
+    for item in list(running):
+      name, proc, log, t0 = item
+      overdue = time.perf_counter() - start > timeout
+      if proc.poll() is None and not overdue:
+        continue
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        result = {'case': name, 'error': f'timed out: the compile phase ran {timeout:.0f} s'}
+      else:
+        log.seek(0)
+        result = _result(name, log.read(), proc.returncode,
+                         round(time.perf_counter() - t0, 2))
+      log.close()
+      result['concurrent'] = min(jobs, len(programs))
+      results.append(result)
+      running.remove(item)
+  return results
 
 
 def main(argv=None):
@@ -338,6 +642,12 @@ def main(argv=None):
                       "authors' files under authors/ (never committed)")
   parser.add_argument('--cache-dir', default=os.path.join('/tmp', f'gpu_check_cache_{os.getpid()}'),
                       help='JAX compilation cache shared by the cases')
+  parser.add_argument('--precompile-jobs', type=int, default=6,
+                      help='cold-compile phase: programs compiled side by side (0: no phase; '
+                      'each measurement then compiles its own program, cold or not)')
+  parser.add_argument('--precompile-timeout-s', type=float, default=300.0,
+                      help='the most the cold-compile phase may take')
+  parser.add_argument('--artifacts-dir', help='keep the profile cases\' trace and HLO text here')
   parser.add_argument('--run-case', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.run_case:
@@ -347,15 +657,13 @@ def main(argv=None):
                                                      else DEFAULT_CASES)
   cases = [c for c in cases if c]
   if args.torch_ref_dir and 'torch_ref' not in cases:
-    cases.append('torch_ref')
+    after = cases.index('eval_f32') + 1 if 'eval_f32' in cases else len(cases)
+    cases.insert(after, 'torch_ref')
   start = time.perf_counter()
   failures = 0
-  for name in cases:
-    left = args.budget_s - (time.perf_counter() - start)
-    if left < 20:
-      result = {'case': name, 'error': 'skipped: budget spent'}
-    else:
-      result = _child(args, name, min(args.case_timeout_s, left))
+
+  def report(result):
+    nonlocal failures
     result['smoke'] = args.smoke
     failures += 'error' in result
     line = json.dumps(result)
@@ -363,6 +671,24 @@ def main(argv=None):
     if args.out:
       with open(args.out, 'a') as f:
         f.write(line + '\n')
+
+  # Each step and evaluation case compiles one program of its own.
+  programs = [c for c in cases if c in STEP_CASES or c in EVAL_CASES]
+  if args.precompile_jobs > 0 and programs:
+    if 'env' in cases:   # the versions and the device first, whatever happens next
+      report(_child(args, 'env', args.case_timeout_s))
+      cases = [c for c in cases if c != 'env']
+    _progress(f'cold-compile phase: {", ".join(programs)}, {args.precompile_jobs} at a time')
+    timeout = min(args.precompile_timeout_s, args.budget_s - (time.perf_counter() - start))
+    for result in _compile_in_parallel(args, programs, args.precompile_jobs, timeout):
+      report(result)
+  for name in cases:
+    left = args.budget_s - (time.perf_counter() - start)
+    if left < 20:
+      result = {'case': name, 'error': 'skipped: budget spent'}
+    else:
+      result = _child(args, name, min(args.case_timeout_s, left))
+    report(result)
   return 1 if failures else 0
 
 

@@ -107,9 +107,11 @@ def classify(instructions, computations, name):
   else:
     phase = 'optimizer'
   network = scope.group(1) if scope else 'optimizer'
-  if 'convolution' in opcodes or any(o.startswith('mstkd_conv3d') for o in opcodes):
+  # Convolutions: XLA's own, the oneDNN custom calls (CPU), cuDNN's (GPU: __cudnn$conv...).
+  if 'convolution' in opcodes or any(o.startswith(('mstkd_conv3d', '__cudnn$conv'))
+                                     for o in opcodes):
     kind = 'deconv' if re.search(r'deconv|ConvTranspose|conv_transpose', joined) else 'conv'
-  elif 'dot' in opcodes:
+  elif 'dot' in opcodes or any(o.startswith('__cublas') for o in opcodes):
     kind = 'matmul'
   elif 'rng-bit-generator' in opcodes or 'threefry' in joined or 'random_bits' in joined:
     kind = 'rng'

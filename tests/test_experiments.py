@@ -24,17 +24,27 @@ def test_gpu_check_smoke(tmp_path):
   CPU, one JSON line per case, nothing failing."""
   out = tmp_path / 'gpu_check.jsonl'
   proc = _run(['experiments/gpu_check.py', '--smoke', '--steps', '2', '--warmup', '1',
-               '--out', str(out)])
+               '--out', str(out), '--artifacts-dir', str(tmp_path / 'artifacts')])
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   by_case = {line['case']: line for line in lines}
-  assert set(by_case) == {'env', 'step_f32', 'eval_f32'}
+  assert set(by_case) == {'env', 'compile_step_f32', 'compile_eval_f32', 'step_f32', 'eval_f32'}
   assert not any('error' in line for line in lines), lines
   assert by_case['env']['backend'] == 'cpu'
+  # The cold-compile phase filled the cache that the measurements then read.
+  assert by_case['compile_step_f32']['compile_s'] > 0
+  assert by_case['step_f32']['cache_entries_at_start'] > 0
   step = by_case['step_f32']
   assert step['shape'] == [32, 32, 32] and step['finite']
   assert step['sec_per_step_median'] > 0 and step['compile_s'] > 0
-  assert by_case['eval_f32']['rows'] == 16 * 3     # 15 subsets + the teacher, 3 regions
+  # The profile of one step: time by kind of operation, the slowest ten, the HLO kept.
+  profile = step['profile']
+  assert profile['kernel_total_ms'] > 0 and 'conv' in profile['by_kind_ms']
+  assert len(profile['top10_kernels']) == 10
+  assert (tmp_path / 'artifacts' / 'step_f32.hlo.txt.gz').exists()
+  evaluation = by_case['eval_f32']
+  assert evaluation['rows'] == 16 * 3     # 15 subsets + the teacher, 3 regions
+  assert evaluation['forwards_15_subsets_s'] > 0 and evaluation['scoring_16_outputs_s'] > 0
 
 
 def test_gpu_check_reports_a_failing_case_and_goes_on(tmp_path):
