@@ -14,8 +14,10 @@ segmentation, as the challenges do). Predictions without a reference are listed 
 
 Labels: brats2024 (1 NETC, 2 SNFH, 3 ET, 4 resection cavity) or brats2021 (BraTS 2018-2021,
 FeTS: 1 NCR, 2 ED, 4 ET); regions WT = tumour labels, TC = core + ET, ET. 'auto' decides per
-file: a 3 means brats2024, else a 4 means brats2021 (without either both read the same).
-Give it explicitly for BraTS 2024 post-treatment data, where 4 is the cavity.
+file: a 3 means brats2024, else a 4 means brats2021 (without either both read the same). A
+folder whose files were read with both is reported (a warning line, and
+``label_convention_warnings`` / ``label_conventions_read`` in summary.json). Give --labels
+explicitly for BraTS 2024 post-treatment data, where 4 is the cavity.
 
 Writes into --out: per_case.csv (case, subset, region, dice, hd95; the columns of the
 15-subset evaluation, subset = --subset), summary.json, table.md; with --lesion_wise also
@@ -163,9 +165,40 @@ def resolve_layout(labels, file):
   return labels
 
 
+def detected_convention(file):
+  """What 'auto' reads a file as: 'brats2024' (it holds a 3), 'brats2021' (a 4 and no 3), or
+  None (neither: both conventions read it the same)."""
+  values = set(int(v) for v in np.unique(file.labels))
+  if 3 in values:
+    return 'brats2024'
+  return 'brats2021' if 4 in values else None
+
+
 def region_masks(file, labels):
   return layouts.region_masks(layouts.labels_to_codes(file.labels,
                                                       resolve_layout(labels, file)))
+
+
+def convention_report(audit):
+  """Lines for the user about how 'auto' read the two folders; ``audit``: {'pred' | 'ref':
+  {convention: [case ids]}}. A folder whose files were read with both conventions is named,
+  with examples, since one of them may be wrong (e.g. BraTS 2024 post-treatment files, where
+  4 is the resection cavity)."""
+  lines = []
+  for folder, option in (('pred', '--pred'), ('ref', '--ref')):
+    found = {k: v for k, v in audit.get(folder, {}).items() if k}
+    if len(found) > 1:
+      parts = '; '.join(f'{len(ids)} file(s) read as {conv} (e.g. {", ".join(ids[:3])})'
+                        for conv, ids in sorted(found.items()))
+      lines.append(f'warning: --labels auto: {option} mixes label conventions: {parts}. Each '
+                   'file was read with its own; if that is wrong, pass --labels brats2021 or '
+                   'brats2024')
+  pred = {k for k, v in audit.get('pred', {}).items() if k and v}
+  ref = {k for k, v in audit.get('ref', {}).items() if k and v}
+  if len(pred) == 1 and len(ref) == 1 and pred != ref:
+    lines.append(f'note: --labels auto: the predictions use {pred.pop()} labels and the '
+                 f'references {ref.pop()}; each was read with its own')
+  return lines
 
 
 def _check_geometry(pred, ref):
@@ -178,14 +211,19 @@ def _check_geometry(pred, ref):
 
 
 def score_case(pred_path, ref_path, labels='auto', convention='brats', lesion_wise=False,
-               challenge='BraTS-GLI'):
+               challenge='BraTS-GLI', audit=None, case_id=None):
   """({region: {dice, hd95}}, {region: LesionScores} or None) of one case; ``pred_path``
-  None: an empty segmentation."""
+  None: an empty segmentation. ``audit`` (a dict) collects, with 'auto', which convention
+  each file was read as: {'pred' | 'ref': {convention: [case ids]}}."""
   ref = read_labels(ref_path)
   if pred_path is None:
     pred = LabelFile('(missing)', np.zeros_like(ref.labels), ref.affine, ref.spacing)
   else:
     pred = read_labels(pred_path)
+  if audit is not None and labels == 'auto':
+    for folder, file in (('pred', pred), ('ref', ref)):
+      audit.setdefault(folder, {}).setdefault(detected_convention(file), []).append(
+          case_id or os.path.basename(file.path))
   _check_geometry(pred, ref)
   pred_regions, ref_regions = region_masks(pred, labels), region_masks(ref, labels)
   scores = metrics.case_metrics(pred_regions, ref_regions, spacing=ref.spacing,
@@ -270,12 +308,13 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
     log(f'{len(extra)} prediction(s) without a reference, not scored: {", ".join(extra[:5])}'
         + (' ...' if len(extra) > 5 else ''))
   rows, lesion_rows = [], []
+  audit = {}
   bar = Progress(len(pairs), 'evaluate', log_lines=False)
   lines = not sys.stderr.isatty()
   for case_id, pred_path, ref_path in pairs:
     started = time.time()
     scores, lesions = score_case(pred_path, ref_path, labels, convention, lesion_wise,
-                                 challenge)
+                                 challenge, audit=audit, case_id=case_id)
     rows += report.metric_rows(case_id, subset, scores)
     for region, s in (lesions or {}).items():
       lesion_rows.append({'case': case_id, 'region': region, 'lesion_dice': s.dice,
@@ -288,6 +327,15 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
     bar.update()
   bar.close()
   summary = summarize(rows, lesion_rows, convention, subset)
+  if labels == 'auto':
+    summary['label_conventions_read'] = {
+        folder: {str(conv or 'either'): len(ids) for conv, ids in found.items()}
+        for folder, found in audit.items()}
+    summary['label_convention_warnings'] = convention_report(audit)
+    for line in summary['label_convention_warnings']:
+      log(line)
+  else:
+    summary['label_conventions_read'] = {'pred': labels, 'ref': labels}
   os.makedirs(out_dir, exist_ok=True)
   report.write_per_case_csv(rows, os.path.join(out_dir, 'per_case.csv'))
   if lesion_rows:

@@ -9,7 +9,11 @@ writes (default ``<workdir>/export``):
                       discriminator or optimiser states: about 1/6 of a training checkpoint)
   config.json         the full training config (model size, input shape, label layout, ...)
   preprocessing.json  what a new patient needs before the network: input shape, intensity
-                      normalisation, voxel spacing, channel order
+                      normalisation, voxel spacing, channel order, and the label convention
+                      of the training cases (``label_convention``: what predict writes)
+  evaluation.json     the run's 15-subset test evaluation (Dice / HD95 per subset and region,
+                      split, number of cases), when the run was evaluated: what predict
+                      reports as the expected accuracy for a patient's modalities
   manifest.json       what this folder is and where it came from (workdir, step)
 
 ``python -m mstkd_jax.main --mode=eval --checkpoint=<export folder>`` and
@@ -23,7 +27,8 @@ from absl import logging
 import jax
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax.data import pipeline
+from mstkd_jax import model_facts
+from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
 
@@ -54,6 +59,14 @@ def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(out, 'preprocessing.json'), preprocessing_settings(config),
                       indent=2)
+    convention, evaluation = model_facts.write_into_export(out, config, workdir)
+    if convention in (None, layouts.MIXED):
+      print(f'Note: the label convention of this model is {convention or "not recorded"}; '
+            'prediction with it needs --labels brats2021 or brats2024.', flush=True)
+    if evaluation and evaluation.get('source') != f'step {step}':
+      print(f'Note: evaluation.json holds the evaluation of {evaluation.get("source")}, not of '
+            f'the exported step {step} (run --mode=eval with this checkpoint to replace it).',
+            flush=True)
     write_json_atomic(os.path.join(out, 'metadata.json'), metadata(config, workdir, step),
                       indent=2)
     manifest_path = os.path.join(out, ckpt.EXPORT_MANIFEST)

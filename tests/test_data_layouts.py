@@ -175,3 +175,23 @@ def test_resolve_root_generates_synthetic_cases_once(tmp_path):
   with pytest.raises(ValueError, match='already holds synthetic cases'):
     pipeline.resolve_root(cfg, str(tmp_path))
   shutil.rmtree(root)
+
+
+def test_the_label_convention_of_a_run_is_recorded(roots, tmp_path):
+  """Training records the convention its cases actually used ('auto' resolved for the run),
+  and a root that mixes both is recorded as such (each case keeps its own reading)."""
+  for layout in ('brats2021', 'brats2024'):
+    cases = layouts.discover_cases(roots[layout], 'auto')
+    workdir = str(tmp_path / layout)
+    os.makedirs(workdir)
+    record = pipeline.record_label_convention(workdir, roots[layout], cases)
+    assert record['convention'] == layout and record['cases'] == {layout: 3}
+    assert pipeline.read_label_convention(workdir) == record
+  mixed_root = tmp_path / 'mixed'
+  shutil.copytree(roots['brats2021'], mixed_root / 'old')
+  shutil.copytree(roots['brats2024'], mixed_root / 'new')
+  cases = layouts.discover_cases(str(mixed_root), 'auto')
+  assert layouts.label_convention(cases) == ('mixed', {'brats2021': 3, 'brats2024': 3})
+  record = pipeline.record_label_convention(str(tmp_path), str(mixed_root), cases)
+  assert record['convention'] == 'mixed'
+  assert pipeline.read_label_convention(str(tmp_path / 'nowhere')) is None

@@ -190,3 +190,31 @@ def test_evaluate_folder_command(tmp_path):
   assert 'Traceback' not in proc.stderr
   proc = _run(['--help'])
   assert proc.returncode == 0 and '--lesion_wise' in proc.stdout and '``' not in proc.stdout
+
+
+def test_labels_auto_reports_a_folder_that_mixes_conventions(tmp_path):
+  """'auto' reads each file by its values; a folder whose files were read both ways is
+  reported (a line and summary.json), not hidden."""
+  seg21 = _reference_case()                 # ET = 4
+  seg24 = seg21.copy()
+  seg24[seg24 == 4] = 3                     # ET = 3
+  for case, seg in (('A', seg21), ('B', seg21), ('C', seg24)):
+    _write(str(tmp_path / 'ref' / f'{case}.nii.gz'), seg21)
+    _write(str(tmp_path / 'pred' / f'{case}.nii.gz'), seg)
+  lines = []
+  summary = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                            str(tmp_path / 'out'), log=lines.append)
+  assert summary['label_conventions_read'] == {'pred': {'brats2021': 2, 'brats2024': 1},
+                                               'ref': {'brats2021': 3}}
+  warning = [line for line in lines if 'mixes label conventions' in line]
+  assert len(warning) == 1 and '--pred' in warning[0] and '1 file(s) read as brats2024 (e.g. C)'\
+      in warning[0]
+  assert summary['label_convention_warnings'] == warning
+  # One folder in each convention: a note, no warning.
+  for case in ('A', 'B'):
+    _write(str(tmp_path / 'pred' / f'{case}.nii.gz'), seg24)
+  lines = []
+  summary = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                            str(tmp_path / 'out'), log=lines.append)
+  assert lines == ['note: --labels auto: the predictions use brats2024 labels and the '
+                   'references brats2021; each was read with its own']

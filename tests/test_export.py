@@ -24,9 +24,8 @@ def exported(tmp_path_factory):
 
 
 def test_export_contents_and_size(run, exported):
-  assert sorted(os.listdir(exported)) == ['config.json', 'manifest.json', 'metadata.json',
-                                          'preprocessing.json',
-                                          'variables']
+  assert sorted(os.listdir(exported)) == ['config.json', 'evaluation.json', 'manifest.json',
+                                          'metadata.json', 'preprocessing.json', 'variables']
   with open(os.path.join(exported, 'manifest.json')) as f:
     manifest = json.load(f)
   assert manifest['network'] == 'student' and manifest['step'] == 2

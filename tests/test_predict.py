@@ -2,6 +2,7 @@
 the model's input and for every modality subset, label conventions, probabilities, the folder
 mode, the figure, and every error the command reports."""
 
+import csv
 import json
 import os
 import re
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from mstkd_jax import metrics as metrics_lib
+from mstkd_jax import model_facts
 from mstkd_jax import predict
 from mstkd_jax import visualize
 from mstkd_jax.data import layouts, pipeline
-from mstkd_jax.modalities import ALL_SUBSETS
+from mstkd_jax.modalities import ALL_SUBSETS, subset_name
 from tests import helpers_eval
 
 KEYS_2021 = ('flair', 't1', 't1ce', 't2')
@@ -147,16 +149,50 @@ def test_label_precedence_preserves_the_regions():
 
 
 def test_label_convention_from_file_names(model):
-  assert predict.resolve_labels('auto', model.config, ['/x/BraTS-GLI-00001-000-t2f.nii.gz']) \
+  """Without a recorded convention (a model exported before it was recorded, trained on a real
+  root with layout 'auto'), the file names decide, for the whole run."""
+  config = model.config.copy_and_resolve_references()
+  config.data.root = '/data'
+  unknown = predict.Model(config, None, None, 'test', model_facts.ModelFacts(None, '-', None))
+  assert predict.resolve_labels('auto', unknown, ['/x/BraTS-GLI-00001-000-t2f.nii.gz']).layout \
       == 'brats2024'
-  assert predict.resolve_labels('auto', model.config, ['/x/Brats18_1_flair.nii.gz']) \
+  assert predict.resolve_labels('auto', unknown, ['/x/Brats18_1_flair.nii.gz']).layout \
       == 'brats2021'
-  assert predict.resolve_labels('auto', model.config, ['/x/a.nii.gz'], ['flair']) == 'brats2021'
-  assert predict.resolve_labels('brats2024', model.config, ['/x/Brats18_1_flair.nii.gz']) \
+  assert predict.resolve_labels('auto', unknown, ['/x/a.nii.gz'], ['flair']).layout == \
+      'brats2021'
+  assert predict.resolve_labels('brats2024', unknown, ['/x/Brats18_1_flair.nii.gz']).layout \
       == 'brats2024'
+  # Cases of one run whose names disagree: an error, never one convention per case.
+  with pytest.raises(predict.PredictionError, match='names follow both.*--labels'):
+    predict.resolve_labels('auto', unknown, {'A': ['/x/A-t2f.nii.gz'],
+                                             'B': ['/x/B_flair.nii.gz']})
 
 
-def test_folder_mode(exported, tmp_path):
+def test_the_recorded_convention_wins_over_file_names(model):
+  # The shared model trained on synthetic brats2021 cases; the record says so.
+  assert model.facts.label_convention == 'brats2021'
+  choice = predict.resolve_labels('auto', model, ['/x/BraTS-GLI-00001-000-t2f.nii.gz'])
+  assert choice.layout == 'brats2021' and 'recorded at training' in choice.source
+  mixed = predict.Model(model.config, None, None, 'test',
+                        model_facts.ModelFacts('mixed', 'recorded at training', None))
+  with pytest.raises(predict.PredictionError, match='both label conventions.*--labels'):
+    predict.resolve_labels('auto', mixed, ['/x/a_flair.nii.gz'])
+  assert predict.resolve_labels('brats2024', mixed, []).layout == 'brats2024'
+
+
+def test_export_records_the_convention_and_the_evaluation(exported):
+  with open(os.path.join(exported, 'preprocessing.json')) as f:
+    settings = json.load(f)
+  assert settings['label_convention'] == 'brats2021' and settings['layout'] == 'brats2021'
+  assert settings['config_layout'] == 'auto'
+  with open(os.path.join(exported, 'evaluation.json')) as f:
+    evaluation = json.load(f)
+  assert evaluation['split'] == 'test' and evaluation['num_cases'] >= 1
+  assert set(evaluation['subsets']) == {subset_name(s) for s in ALL_SUBSETS}
+  assert 0.0 <= evaluation['subsets']['FLAIR+T1Gd']['ET']['dice'] <= 1.0
+
+
+def test_folder_mode_one_convention_sidecars_and_volumes(exported, tmp_path, capsys):
   root = tmp_path / 'cases'
   write_patient(str(root / 'BraTS-GLI-00001-000'), (36, 36, 30), 'BraTS-GLI-00001-000',
                 layout='brats2024', keys=('t2f', 't1c'))
@@ -164,10 +200,155 @@ def test_folder_mode(exported, tmp_path):
   out = tmp_path / 'segs'
   assert predict.main(['--checkpoint', exported, '--input-dir', str(root), '--out',
                        str(out)]) == 0
-  assert sorted(os.listdir(out)) == ['BraTS-GLI-00001-000.nii.gz', 'Brats18_X_1.nii.gz']
-  assert set(np.unique(nib.load(str(out / 'BraTS-GLI-00001-000.nii.gz')).dataobj)) <= \
-      {0, 1, 2, 3}
-  assert set(np.unique(nib.load(str(out / 'Brats18_X_1.nii.gz')).dataobj)) <= {0, 1, 2, 4}
+  captured = capsys.readouterr()
+  assert sorted(os.listdir(out)) == ['BraTS-GLI-00001-000.json', 'BraTS-GLI-00001-000.nii.gz',
+                                     'Brats18_X_1.json', 'Brats18_X_1.nii.gz', 'volumes.csv']
+  # One convention for the run, the model's, whatever the files are called; said once.
+  for case in ('BraTS-GLI-00001-000', 'Brats18_X_1'):
+    assert set(np.unique(nib.load(str(out / f'{case}.nii.gz')).dataobj)) <= {0, 1, 2, 4}
+  assert 'brats2021 labels (1 NCR, 2 ED, 4 ET; from recorded at training' in captured.out
+  with open(out / 'BraTS-GLI-00001-000.json') as f:
+    record = json.load(f)
+  assert record['labels']['convention'] == 'brats2021'
+  assert record['labels']['values'] == {'NCR': 1, 'ED': 2, 'ET': 4}
+  assert record['modalities_used'] == 'FLAIR+T1Gd'
+  assert record['modalities_missing'] == ['T1', 'T2']
+  assert record['expected_accuracy']['modalities'] == 'FLAIR+T1Gd'
+  assert set(record['expected_accuracy']['dice']) == {'WT', 'TC', 'ET'}
+  assert 'expected accuracy with FLAIR+T1Gd: Dice WT / TC / ET' in captured.out
+  # Volumes: voxel counts of the written labels times the voxel volume (oblique_affine's
+  # zooms 1.0 x 1.2 x 2.0 mm = 2.4 uL).
+  labels = np.asarray(nib.load(str(out / 'BraTS-GLI-00001-000.nii.gz')).dataobj)
+  assert record['voxel_volume_ml'] == pytest.approx(0.0024)
+  assert record['volumes_ml']['WT'] == pytest.approx(np.count_nonzero(labels) * 0.0024,
+                                                     abs=1e-3)
+  assert record['volumes_ml']['ET'] == pytest.approx(np.count_nonzero(labels == 4) * 0.0024,
+                                                     abs=1e-3)
+  assert record['volumes_ml']['TC'] == pytest.approx(
+      np.count_nonzero(np.isin(labels, (1, 4))) * 0.0024, abs=1e-3)
+  with open(out / 'volumes.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['case_id'] for r in rows] == ['BraTS-GLI-00001-000', 'Brats18_X_1']
+  assert float(rows[0]['WT_ml']) == pytest.approx(record['volumes_ml']['WT'])
+  assert rows[1]['modalities_used'] == 'FLAIR+T1+T1Gd+T2'
+  assert {'NCR_ml', 'ED_ml', 'ET_ml', 'dice_expected_ET'} <= set(rows[0])
+  # --labels overrides for the whole run.
+  out24 = tmp_path / 'segs24'
+  assert predict.main(['--checkpoint', exported, '--input-dir', str(root), '--out',
+                       str(out24), '--labels', 'brats2024']) == 0
+  for case in ('BraTS-GLI-00001-000', 'Brats18_X_1'):
+    assert set(np.unique(nib.load(str(out24 / f'{case}.nii.gz')).dataobj)) <= {0, 1, 2, 3}
+
+
+def test_no_entry_of_the_input_folder_is_dropped_silently(exported, tmp_path, capsys):
+  root = tmp_path / 'mixed'
+  _nnunet_folder(root, case_ids=('CASE_A',))
+  write_patient(str(root / 'Brats18_X_1'), (36, 36, 30), 'Brats18_X_1', seed=1)
+  scan = predict.scan_input_folder(str(root))
+  # nnU-Net-style files and a BraTS case folder in one folder: both are cases.
+  assert [c for c, _ in scan.cases] == ['Brats18_X_1', 'CASE_A']
+  assert scan.skipped == []
+  out = tmp_path / 'segs'
+  assert predict.main(['--checkpoint', exported, '--input-dir', str(root), '--out',
+                       str(out)]) == 0
+  assert {'Brats18_X_1.nii.gz', 'CASE_A.nii.gz'} <= set(os.listdir(out))
+  # An empty case folder and a stray file beside good cases: listed, exit status 1.
+  os.makedirs(root / 'Brats18_EMPTY_1')
+  (root / 'notes.txt').write_text('scanner protocol')
+  (root / 'extra.nii.gz').write_bytes((root / 'CASE_A_0000.nii.gz').read_bytes())
+  scan = predict.scan_input_folder(str(root))
+  assert [c for c, _ in scan.cases] == ['Brats18_X_1', 'CASE_A']
+  assert dict(scan.skipped) == {
+      'Brats18_EMPTY_1/': 'a folder without .nii / .nii.gz files',
+      'extra.nii.gz': 'a NIfTI file that is not named as a channel file (<case id>_0000.nii.gz,'
+                      ' nnU-Net style) nor inside a case folder',
+      'notes.txt': 'not a NIfTI image'}
+  capsys.readouterr()
+  assert predict.main(['--checkpoint', exported, '--input-dir', str(root), '--out',
+                       str(out), '--continue']) == 1
+  err = capsys.readouterr().err
+  assert 'error: Brats18_EMPTY_1/: skipped: a folder without .nii / .nii.gz files' in err
+  assert 'error: notes.txt: skipped: not a NIfTI image' in err
+  assert '0 case(s) failed and 3 entr(ies)' in err
+  # A case id found both as flat files and as a folder is refused before any work.
+  write_patient(str(root / 'CASE_A'), (36, 36, 30), 'CASE_A', seed=2)
+  with pytest.raises(predict.PredictionError, match='found twice.*CASE_A'):
+    predict.scan_input_folder(str(root))
+
+
+def test_a_label_file_given_as_a_scan_is_refused(exported, tmp_path, capsys):
+  paths = write_patient(str(tmp_path / 'in'), (32, 32, 32), keys=('flair', 't1'))
+  seg = np.zeros((32, 32, 32), np.uint8)
+  seg[10:20, 10:20, 10:20] = 2
+  seg[12:16, 12:16, 12:16] = 4
+  seg[14, 14, 14] = 1
+  img = nib.load(paths['flair'])
+  seg_path = str(tmp_path / 'in' / 'P1_seg.nii.gz')
+  nib.save(nib.Nifti1Image(seg, img.affine, img.header), seg_path)
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', seg_path, '--t1', paths['t1'],
+                    '--out', str(tmp_path / 'seg.nii.gz'))
+  assert rc == 2
+  assert 'P1_seg.nii.gz: looks like a label map or mask, not an MRI scan' in err
+  assert 'values 0, 1, 2, 4' in err
+  # A float volume with the same few values is refused as well.
+  nib.save(nib.Nifti1Image(seg.astype(np.float32), img.affine), seg_path)
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', seg_path, '--out',
+                    str(tmp_path / 'seg.nii.gz'))
+  assert rc == 2 and 'looks like a label map' in err
+
+
+def test_test_time_mirroring_maps_each_mirroring_back(model, monkeypatch):
+  """With a stand-in network that is itself mirror-equivariant (per-voxel sigmoids of the
+  input), the mirrored-and-back average equals one plain pass and nobody disagrees; any
+  mistake in flipping back would break the equality (the input is not symmetric)."""
+  rs = np.random.RandomState(0)
+  image = rs.rand(20, 18, 16, 4).astype(np.float32)
+
+  def per_voxel(variables, images, overlap=None, blend=None):
+    del variables, overlap, blend
+    return 1.0 / (1.0 + np.exp(-(np.asarray(images) - 0.5) * 8))
+
+  monkeypatch.setattr(model.inference, 'predict', per_voxel)
+  plain, none = predict.box_probabilities(model, image)
+  mean, disagreement = predict.box_probabilities(model, image, tta=True)
+  assert none is None
+  np.testing.assert_allclose(mean, plain, rtol=1e-6)
+  assert disagreement.shape == image.shape[:3] and not disagreement.any()
+
+  calls = []
+
+  def one_sided(variables, images, overlap=None, blend=None):
+    del variables, overlap, blend
+    images = np.asarray(images)
+    calls.append(len(images))
+    out = np.zeros(images.shape, np.float32)
+    out[:, :10] = 1.0          # "tumour" in the first half of x, wherever the input is
+    return out
+
+  monkeypatch.setattr(model.inference, 'predict', one_sided)
+  mean, disagreement = predict.box_probabilities(model, image, tta=True)
+  assert calls == [8]
+  # Half the mirrorings flip x: each x half is on in 4 of 8 predictions.
+  np.testing.assert_allclose(mean[..., 0], 0.5)
+  np.testing.assert_allclose(disagreement, 0.5)
+
+
+def test_single_case_sidecar_tta_and_uncertainty(exported, tmp_path, capsys):
+  paths = write_patient(str(tmp_path / 'in'), (36, 34, 32), seed=4)
+  out = str(tmp_path / 'seg.nii.gz')
+  assert predict.main(['--checkpoint', exported, '--flair', paths['flair'], '--t2',
+                       paths['t2'], '--out', out, '--tta']) == 0
+  printed = capsys.readouterr().out
+  assert 'tumour volumes: WT' in printed and 'expected accuracy with FLAIR+T2' in printed
+  assert_same_geometry(str(tmp_path / 'seg_uncertainty.nii.gz'), paths['flair'])
+  uncertainty = np.asarray(nib.load(str(tmp_path / 'seg_uncertainty.nii.gz')).dataobj)
+  assert uncertainty.min() >= 0 and uncertainty.max() <= 1
+  with open(tmp_path / 'seg.json') as f:
+    record = json.load(f)
+  assert record['test_time_mirroring'] is True
+  assert record['inputs']['FLAIR'] == os.path.abspath(paths['flair'])
+  assert record['inputs']['T1'] is None
+  assert record['outputs'][0] == os.path.abspath(out)
 
 
 def _nnunet_folder(root, case_ids=('CASE_A', 'CASE_B'), channels=(0, 1, 2, 3)):
@@ -208,7 +389,8 @@ def test_nnunet_folder_mode_and_continue(exported, tmp_path, capsys):
   out = tmp_path / 'segs'
   args = ['--checkpoint', exported, '--input-dir', str(root), '--out', str(out)]
   assert predict.main(args) == 0
-  assert sorted(os.listdir(out)) == ['CASE_A.nii.gz', 'CASE_B.nii.gz']
+  assert sorted(os.listdir(out)) == ['CASE_A.json', 'CASE_A.nii.gz', 'CASE_B.json',
+                                     'CASE_B.nii.gz', 'volumes.csv']
   os.remove(str(out / 'CASE_B.nii.gz'))
   before = os.stat(str(out / 'CASE_A.nii.gz')).st_mtime_ns
   capsys.readouterr()
@@ -216,9 +398,13 @@ def test_nnunet_folder_mode_and_continue(exported, tmp_path, capsys):
   captured = capsys.readouterr()
   assert '1 case(s) already segmented' in captured.err
   # Not a terminal (as in a SLURM log): one line per case with its time.
-  assert re.search(r'^CASE_B: [0-9.]+ s -> .*CASE_B.nii.gz$', captured.err, re.M)
+  assert re.search(r'^CASE_B: [0-9.]+ s, FLAIR\+T1\+T1Gd\+T2, WT / TC / ET [0-9./ ]+ mL -> '
+                   r'.*CASE_B.nii.gz$', captured.err, re.M)
   assert 'CASE_A:' not in captured.err
-  assert '(1 case(s) already done, skipped)' in captured.out
+  assert '1 already done (--continue)' in captured.out
+  # The folder's volumes.csv still lists both cases (CASE_A's from its sidecar).
+  with open(out / 'volumes.csv') as f:
+    assert [r['case_id'] for r in csv.DictReader(f)] == ['CASE_A', 'CASE_B']
   assert os.stat(str(out / 'CASE_A.nii.gz')).st_mtime_ns == before
   assert (out / 'CASE_B.nii.gz').exists()
 

@@ -214,6 +214,21 @@ def discover_cases(root, layout='auto'):
   return [cases[k] for k in sorted(cases)]
 
 
+MIXED = 'mixed'
+
+
+def label_convention(cases):
+  """The label convention a set of cases follows: 'brats2024', 'brats2021', or ``MIXED`` when
+  both occur (each case is still read with its own); None for no case. Returns
+  (convention, {layout name: number of cases})."""
+  counts = {}
+  for case in cases:
+    counts[case.layout] = counts.get(case.layout, 0) + 1
+  if not counts:
+    return None, counts
+  return (next(iter(counts)) if len(counts) == 1 else MIXED), dict(sorted(counts.items()))
+
+
 def check_labels(values, layout, case_id, file_name):
   """Problems for label values outside `layout`'s convention (values: unique raw labels)."""
   lay = get_layout(layout)

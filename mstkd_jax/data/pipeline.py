@@ -210,7 +210,42 @@ def prepare(config, workdir, splits=SPLITS, progress=True, workers=None) -> Data
     report = {'skipped': [[str(p) for p in ps] for ps in skipped],
               'count': len(skipped)}
     write_json_atomic(os.path.join(workdir, 'bad_cases.json'), report)
+  record_label_convention(workdir, root, cases)
   return Dataset(config, workdir, root, cases, split, folder, entries, skipped)
+
+
+LABEL_CONVENTION_FILE = 'label_convention.json'
+
+
+def record_label_convention(workdir, root, cases):
+  """Writes ``<workdir>/label_convention.json``: the label convention the run's cases follow
+  ({'convention': 'brats2021' | 'brats2024' | 'mixed', 'cases': {layout: count}, 'root'}), so
+  that an export and prediction write what the training data used. Returns the record."""
+  convention, counts = layouts.label_convention(cases)
+  record = {'convention': convention, 'cases': counts, 'root': os.path.abspath(root)}
+  if convention == layouts.MIXED:
+    logging.warning('the training cases mix label conventions (%s); each case is read with '
+                    'its own, and prediction from this run needs --labels',
+                    ', '.join(f'{n} {k}' for k, n in counts.items()))
+  path = os.path.join(workdir, LABEL_CONVENTION_FILE)
+  try:
+    with open(path) as f:
+      if json.load(f) == record:
+        return record
+  except (OSError, ValueError):
+    pass
+  write_json_atomic(path, record, indent=2)
+  return record
+
+
+def read_label_convention(workdir):
+  """The record of ``record_label_convention`` in ``workdir``, or None (runs made before it
+  existed)."""
+  try:
+    with open(os.path.join(workdir, LABEL_CONVENTION_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,8 +123,26 @@ def _read_nifti(path, case_id, problems):
   return data, img
 
 
+# An MRI scan has hundreds to thousands of distinct intensities; a label map or mask a handful.
+LABEL_LIKE_MAX_VALUES = 16
+# Fewer distinct intensities than this in a scan is suspicious (a warning, not an error).
+FEW_VALUES_WARNING = 64
+
+
+def _distinct_values(data, at_most):
+  """The distinct values of ``data`` when there are at most ``at_most`` of them, else None
+  (decided on a subsample first, so a real scan costs a fraction of a full np.unique)."""
+  flat = data.reshape(-1)
+  if len(np.unique(flat[::97])) > at_most:
+    return None
+  values = np.unique(flat)
+  return values if len(values) <= at_most else None
+
+
 def _check_image(data, case_id, name, problems):
-  """Adds problems for non-finite or constant volumes; returns True when usable."""
+  """Adds problems for non-finite, constant or label-like volumes (a segmentation or mask
+  given as a scan: at most 16 distinct integer values); logs a warning for scans with few
+  distinct intensities. Returns True when usable."""
   ok = True
   if np.issubdtype(data.dtype, np.floating):
     bad = int(np.count_nonzero(~np.isfinite(data)))
@@ -137,6 +155,18 @@ def _check_image(data, case_id, name, problems):
       problems.append(Problem(case_id, name, f'constant volume (every voxel = {float(lo):g}); '
                               'an image needs min < max'))
       ok = False
+  if ok:
+    values = _distinct_values(data, FEW_VALUES_WARNING - 1)
+    if values is not None and len(values) <= LABEL_LIKE_MAX_VALUES and np.array_equal(
+        values, np.round(values)):
+      shown = ', '.join(f'{float(v):g}' for v in values)
+      problems.append(Problem(case_id, name, f'looks like a label map or mask, not an MRI '
+                              f'scan: only the integer values {shown} (a segmentation given as '
+                              'an image?)'))
+      ok = False
+    elif values is not None:
+      logging.warning('%s: %s: only %d distinct intensities; an MRI scan usually has hundreds '
+                      '(is this the right file?)', case_id, name, len(values))
   return ok
 
 
