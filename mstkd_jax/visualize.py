@@ -8,7 +8,13 @@ predictions with all four modalities, FLAIR+T1Gd+T2, FLAIR+T1Gd and FLAIR alone.
 BraTS layout (without a ``seg`` file the ground-truth panel is left empty). The picture shows
 the case in the model's space (after the checkpoint's resampling and brain box), on the axial
 slice (third voxel axis) with the most tumour in the ground truth (else in the all-modality
-prediction), each image rotated by 90 degrees as radiology viewers show BraTS volumes.
+prediction), each image rotated by 90 degrees as radiology viewers show BraTS volumes. The
+title names the case, the model (checkpoint and step) and the slice both as an index of the
+input volume and of the model's grid.
+
+When the case lacks modalities, the prediction panels show the subsets that can be run with
+what it has: each of the paper's four subsets reduced to the modalities present, without
+repeats, then the largest other subsets of them; the title says which modalities are absent.
 
 Colours (the usual BraTS rendering, nested regions drawn from the outside in):
 WT green (its part outside TC: oedema / SNFH), TC yellow (its part outside ET: necrosis / NETC),
@@ -32,7 +38,8 @@ from mstkd_jax import cli, evaluate
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import predict
 from mstkd_jax.data import layouts, pipeline, preprocess
-from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS, masked_copies, parse_subset, subset_name
+from mstkd_jax.modalities import (ALL_SUBSETS, MODALITIES, MODALITY_KEYS, masked_copies,
+                                  parse_subset, subset_name)
 from mstkd_jax.models import build
 
 FIGURE_SUBSETS = tuple(parse_subset(s) for s in ('1111', '1011', '1010', '1000'))
@@ -78,13 +85,50 @@ def _overlay(regions, z):
   return rgba
 
 
-def draw(image, truth, predictions, out, title=None, z=None):
+def figure_subsets(present):
+  """The (up to 4) subsets the prediction panels show for a case with modalities ``present``:
+  each of ``FIGURE_SUBSETS`` reduced to what is present, without repeats, then the largest
+  other subsets of the present modalities."""
+  present = tuple(bool(p) for p in present)
+  chosen = []
+  for subset in FIGURE_SUBSETS:
+    reduced = tuple(a and b for a, b in zip(subset, present))
+    if any(reduced) and reduced not in chosen:
+      chosen.append(reduced)
+  others = [s for s in ALL_SUBSETS[::-1]
+            if all(p or not a for a, p in zip(s, present)) and s not in chosen]
+  others.sort(key=lambda s: -sum(s))
+  return tuple((chosen + others)[:len(FIGURE_SUBSETS)])
+
+
+def original_slice(meta, z):
+  """The index along the third axis of the input volume of the model-grid slice ``z`` (at the
+  centre of the box), for titles: the model works on a resampled, cropped grid."""
+  box_start = np.asarray(meta['box_start'], np.float64)
+  box_size = np.asarray(meta['box_size'], np.float64)
+  voxel = box_start + np.array([(box_size[0] - 1) / 2, (box_size[1] - 1) / 2, z])
+  world = np.asarray(meta['resampled_affine']) @ np.append(voxel, 1.0)
+  original = np.linalg.inv(np.asarray(meta['original_affine'])) @ world
+  return int(np.rint(original[2]))
+
+
+def _panel_label(subset, present):
+  name = subset_name(subset)
+  if all(subset):
+    return 'All four'
+  if tuple(subset) == tuple(present) and not all(present):
+    return f'{name} (all present)'
+  return name
+
+
+def draw(image, truth, predictions, out, title=None, z=None, meta=None):
   """Writes the figure. image [bx,by,bz,4]; truth: region dict or None; predictions:
-  {subset: region dict}. Returns the slice drawn."""
+  {subset: region dict} in panel order (at most 4); meta: the case's preprocessing record
+  (for the slice index of the input volume in the title). Returns the slice drawn."""
   matplotlib.use('Agg')
 
-  full = predictions[FIGURE_SUBSETS[0]] if FIGURE_SUBSETS[0] in predictions else \
-      next(iter(predictions.values()))
+  present = tuple(bool(image[..., c].any()) for c in range(4))
+  full = max(predictions.items(), key=lambda kv: sum(kv[0]))[1]
   if z is None:
     z = choose_slice(truth if truth is not None and truth['WT'].any() else full)
   show = lambda a: np.rot90(a)
@@ -103,16 +147,18 @@ def draw(image, truth, predictions, out, title=None, z=None):
     ax.set_title('Ground truth')
   else:
     ax.set_title('Ground truth (none)')
-  for k, subset in enumerate(FIGURE_SUBSETS):
+  panels = list(predictions.items())
+  for k in range(len(FIGURE_SUBSETS)):
     ax = axes[1, k]
-    ax.imshow(show(background), cmap='gray', interpolation='nearest')
-    if subset not in predictions:
-      ax.set_title(f'{subset_name(subset)} (not run)')
+    if k >= len(panels):
+      ax.axis('off')
       continue
-    ax.imshow(show(_overlay(predictions[subset], z)), interpolation='nearest')
-    label = subset_name(subset) if subset != FIGURE_SUBSETS[0] else 'All four'
+    subset, regions = panels[k]
+    ax.imshow(show(background), cmap='gray', interpolation='nearest')
+    ax.imshow(show(_overlay(regions, z)), interpolation='nearest')
+    label = _panel_label(subset, present)
     if truth is not None:
-      scores = '/'.join(f"{100 * metrics_lib.dice(predictions[subset][r], truth[r]):.0f}"
+      scores = '/'.join(f"{100 * metrics_lib.dice(regions[r], truth[r]):.0f}"
                         for r in metrics_lib.REGIONS)
       label += f'\nDice WT/TC/ET {scores}'
     ax.set_title(label, fontsize=10)
@@ -125,7 +171,13 @@ def draw(image, truth, predictions, out, title=None, z=None):
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.suptitle((title or '') + f'  (axial slice {z})', fontsize=12)
+  where = f'axial slice {z} of the model grid'
+  if meta is not None:
+    where = f'axial slice {original_slice(meta, z)} of the input volume ({where})'
+  absent = [m for m, p in zip(MODALITIES, present) if not p]
+  note = (f'\n{", ".join(absent)} absent: only subsets of {subset_name(present)} were run'
+          if absent else '')
+  fig.suptitle((title or '') + f'  ({where}){note}', fontsize=12)
   fig.tight_layout(h_pad=2.0)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=100)
@@ -134,15 +186,35 @@ def draw(image, truth, predictions, out, title=None, z=None):
 
 
 def figure_for_case(config, variables, case_dir, out, inference=None, z=None, title=None):
-  """Runs the student on the four subsets of ``FIGURE_SUBSETS`` and draws the figure."""
-  image, codes, _, case_id = load_case(case_dir, config)
+  """Runs the student on the subsets ``figure_subsets`` chooses for the case's modalities and
+  draws the figure."""
+  image, codes, meta, case_id = load_case(case_dir, config)
   inference = inference or evaluate.get_inference(config)
   variables = inference.place(variables)
-  probs = inference.predict(variables, masked_copies(image, FIGURE_SUBSETS))
-  predictions = {s: metrics_lib.region_masks(p) for s, p in zip(FIGURE_SUBSETS, probs)}
+  subsets = figure_subsets(meta['present'])
+  probs = inference.predict(variables, masked_copies(image, subsets))
+  predictions = {s: metrics_lib.region_masks(p) for s, p in zip(subsets, probs)}
   truth = _regions_from_codes(codes) if codes is not None else None
-  z = draw(image, truth, predictions, out, title=title or case_id, z=z)
+  draw(image, truth, predictions, out, title=title or case_id, z=z, meta=meta)
   return out
+
+
+def model_label(model):
+  """'<export folder> (export of <workdir> step N)' or '<workdir> step N', for titles."""
+  location = getattr(model, 'location', '') or ''
+  name = os.path.basename(os.path.normpath(location)) if location else 'model'
+  manifest = os.path.join(location, 'manifest.json')
+  if os.path.exists(manifest):
+    try:
+      with open(manifest) as f:
+        info = json.load(f)
+      if 'step' in info:
+        return (f'{name} (export of {os.path.basename(str(info.get("workdir", "")))}, '
+                f'step {info["step"]})')
+    except (OSError, ValueError):
+      pass
+  return f'{name}, {model.source}'
+
 
 
 def figure_after_training(config, dataset, state, out=None):
@@ -241,8 +313,10 @@ def main(argv=None):
     print(f'segmenting {args.case} from {len(FIGURE_SUBSETS)} modality subsets (the first '
           'forward pass compiles the network, about a minute on a CPU)', file=sys.stderr,
           flush=True)
+    case_id = os.path.basename(os.path.normpath(args.case))
     figure_for_case(model.config, model.variables, args.case, args.out,
-                    inference=model.inference, z=args.slice)
+                    inference=model.inference, z=args.slice,
+                    title=f'{case_id}, {model_label(model)}')
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

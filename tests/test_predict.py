@@ -472,3 +472,45 @@ def test_figure(tmp_path_factory, exported, tmp_path):
   assert os.path.getsize(out) > 10_000
   with open(out, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_figure_panels_follow_the_modalities_present():
+  T, F = True, False
+  assert visualize.figure_subsets((T, T, T, T)) == visualize.FIGURE_SUBSETS
+  # FLAIR and T1Gd only: no panel claims T1 or T2, none is repeated.
+  assert visualize.figure_subsets((T, F, T, F)) == ((T, F, T, F), (T, F, F, F), (F, F, T, F))
+  assert visualize.figure_subsets((F, T, F, F)) == ((F, T, F, F),)
+  assert visualize._panel_label((T, F, T, F), (T, F, T, F)) == 'FLAIR+T1Gd (all present)'
+  assert visualize._panel_label((T, T, T, T), (T, T, T, T)) == 'All four'
+
+
+def test_figure_title_slice_is_an_index_of_the_input_volume():
+  """Model grid: 2 mm voxels from the input's origin, the box starting at voxel 5 of the
+  third axis; its slice 3 is resampled voxel 8, 16 mm, the input's (1 mm) slice 16."""
+  meta = {'box_start': [0, 0, 5], 'box_size': [10, 10, 10],
+          'resampled_affine': np.diag([2.0, 2.0, 2.0, 1.0]).tolist(),
+          'original_affine': np.eye(4).tolist()}
+  assert visualize.original_slice(meta, 3) == 16
+
+
+def test_figure_with_missing_modalities(exported, tmp_path, monkeypatch):
+  paths = write_patient(str(tmp_path / 'Brats18_M_1'), (36, 36, 30), 'Brats18_M_1',
+                        keys=('flair', 't1ce'))
+  assert len(paths) == 2
+  titles = []
+  original = visualize.plt.Figure.suptitle
+
+  def keep(fig, text, **kwargs):
+    titles.append(text)
+    return original(fig, text, **kwargs)
+
+  monkeypatch.setattr(visualize.plt.Figure, 'suptitle', keep)
+  out = str(tmp_path / 'fig.png')
+  assert visualize.main(['--checkpoint', exported, '--case', str(tmp_path / 'Brats18_M_1'),
+                         '--out', out]) == 0
+  assert os.path.getsize(out) > 10_000
+  assert len(titles) == 1
+  title = titles[0]
+  assert title.startswith('Brats18_M_1, export (export of ') and ', step 2)' in title
+  assert 'of the input volume' in title
+  assert 'T1, T2 absent: only subsets of FLAIR+T1Gd were run' in title
