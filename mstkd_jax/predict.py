@@ -54,6 +54,10 @@ What comes out:
 * ``--tta``: test-time mirroring, the mean of the predictions for the 8 mirrorings of the input
   (each mirrored back; 8x the time), and ``<out>_uncertainty.nii.gz``, the share of the 8 whose
   thresholded channels differ from the result at each voxel (0 = all agree);
+* ``--resample_to MODALITY``: series of one patient on different voxel grids (a 1 mm T1Gd
+  and a 5 mm FLAIR of one session) are resampled onto that modality's grid by their affines
+  (trilinear, no registration; ``regrid.py``); volumes that do not overlap in world space
+  are refused (not co-registered). The output is in that modality's geometry;
 * ``--save_probabilities`` also writes the four sigmoid channels (NETC/NCR, SNFH/ED, ET,
   background) as a float32 4D NIfTI in the same geometry (``<out>_probs.nii.gz``); when the
   model works at another voxel size they are resampled trilinearly, and the segmentation is the
@@ -72,6 +76,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -82,6 +87,7 @@ from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import cli
 from mstkd_jax import evaluate
 from mstkd_jax import model_facts
+from mstkd_jax import regrid
 from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.logging_utils import Progress
@@ -250,6 +256,8 @@ class Prediction:
   tta: bool = False
   inputs: dict = dataclasses.field(default_factory=dict)   # {modality name: path}
   seconds: float = 0.0
+  resampled_to: Optional[str] = None     # the modality whose grid the others were put on
+  coverage: dict = dataclasses.field(default_factory=dict)  # {resampled modality: share}
 
 
 def _check_paths(paths):
@@ -307,21 +315,38 @@ def box_probabilities(model, image, overlap=None, blend=None, tta=False):
   return mean, disagree.astype(np.float32)
 
 
+def _preprocess(model, given, case_id, resample_to):
+  """(image box, meta, {modality: field-of-view coverage} of the resampled ones)."""
+  with tempfile.TemporaryDirectory(prefix='mstkd_regrid_') as folder:
+    coverage = {}
+    try:
+      if resample_to:
+        given, coverage = regrid.onto_grid_of(given, resample_to, folder)
+      image, meta = pipeline.preprocess_patient(given, model.config, case_id=case_id)
+    except layouts.BadCaseError as e:
+      message = '; '.join(str(p) for p in e.problems)
+      if 'affine differs' in message or 'differs from' in message:
+        message += (' (series of one patient on different voxel grids: --resample_to '
+                    'MODALITY brings the others onto that modality\'s grid)')
+      raise PredictionError(message) from e
+    except (ValueError, cli.InputError) as e:
+      raise PredictionError(str(e)) from e
+  return image, meta, coverage
+
+
 def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,
-                  case_id='patient', option_names=(), tta=False) -> Prediction:
+                  case_id='patient', option_names=(), tta=False,
+                  resample_to=None) -> Prediction:
   """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
   T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset. ``labels``: a
-  ``LabelChoice`` of the run, or a --labels value resolved for this case alone."""
+  ``LabelChoice`` of the run, or a --labels value resolved for this case alone.
+  ``resample_to``: a modality whose voxel grid the others are resampled onto first
+  (``regrid.onto_grid_of``); the output is then in its geometry."""
   started = time.time()
   given = _check_paths(paths)
   choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
       labels, model, given.values(), option_names)
-  try:
-    image, meta = pipeline.preprocess_patient(given, model.config, case_id=case_id)
-  except layouts.BadCaseError as e:
-    raise PredictionError('; '.join(str(p) for p in e.problems)) from e
-  except ValueError as e:
-    raise PredictionError(str(e)) from e
+  image, meta, coverage = _preprocess(model, given, case_id, resample_to)
   box_probs, box_disagreement = box_probabilities(model, image, overlap, blend, tta)
   probs = pipeline.restore_geometry(box_probs, meta, order=1).astype(np.float32)
   # Outside the box the model saw nothing: background with probability 1 there.
@@ -333,7 +358,8 @@ def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=Non
     uncertainty = pipeline.restore_geometry(box_disagreement, meta, order=1).astype(np.float32)
   inputs = {MODALITIES[channel_index(k)]: os.path.abspath(v) for k, v in given.items()}
   return Prediction(seg, probs, choice.layout, meta, tuple(meta['present']), choice.source,
-                    uncertainty, tta, inputs, time.time() - started)
+                    uncertainty, tta, inputs, time.time() - started,
+                    MODALITIES[channel_index(resample_to)] if resample_to else None, coverage)
 
 
 def voxel_volume_ml(meta):
@@ -396,6 +422,8 @@ def case_record(prediction: Prediction, model: Model, case_id, written, threshol
       'model': {'checkpoint': model.location, 'source': model.source},
       'threshold': threshold,
       'test_time_mirroring': prediction.tta,
+      'resampled_to_grid_of': prediction.resampled_to,
+      'field_of_view_coverage': prediction.coverage,
       'seconds': round(prediction.seconds, 2),
   }
   if expected:
@@ -704,6 +732,10 @@ def _define_flags(fv):
   flags.DEFINE_bool('tta', False, 'Test-time mirroring: average the 8 mirrorings of the input '
                     '(8x the time) and write <out>_uncertainty.nii.gz, the share of mirrored '
                     'predictions that disagree with the result at each voxel.', flag_values=fv)
+  flags.DEFINE_string('resample_to', None, 'Modalities on different voxel grids (one frame, '
+                      'e.g. 1 mm T1Gd and 5 mm FLAIR): resample the others onto this '
+                      "modality's grid by their affines (no registration); the output is in its "
+                      'geometry.', flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Windows per forward pass.', flag_values=fv)
   flags.DEFINE_string('config', None, 'Optional configs/X.py[:variant] the checkpoint must be '
                       'compatible with.', flag_values=fv)
@@ -750,8 +782,13 @@ def main(argv=None):
     print(f'loading the network from {args.checkpoint} (the first forward pass compiles it)',
           file=sys.stderr, flush=True)
     model = load_model(args.checkpoint, args.step, config, args.batch_size)
+    if args.resample_to:
+      try:
+        channel_index(args.resample_to)
+      except ValueError as e:
+        raise PredictionError(f'--resample_to: {e}') from e
     kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend,
-                  tta=args.tta)
+                  tta=args.tta, resample_to=args.resample_to)
     if args.input_dir:
       choice = resolve_labels(args.labels, model, _paths_only(scan.cases))
       kinds = ', '.join(f'{n} {k}' for k, n in scan.kinds.items() if n)

@@ -514,3 +514,69 @@ def test_figure_with_missing_modalities(exported, tmp_path, monkeypatch):
   assert title.startswith('Brats18_M_1, export (export of ') and ', step 2)' in title
   assert 'of the input volume' in title
   assert 'T1, T2 absent: only subsets of FLAIR+T1Gd were run' in title
+
+
+def _regrid(path, out, zooms):
+  """``path`` resampled (trilinear) onto a grid of voxel size ``zooms`` covering the same
+  field of view: what a scanner's other series of the same session looks like."""
+  import nibabel.processing
+  img = nib.load(path)
+  moved = nibabel.processing.resample_to_output(
+      nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine), voxel_sizes=zooms,
+      order=1)
+  nib.save(moved, out)
+  return out
+
+
+def test_resample_to_puts_other_grids_onto_the_reference(exported, tmp_path, capsys):
+  paths = write_patient(str(tmp_path / 'in'), (40, 36, 30), seed=5, affine=np.diag(
+      [1.0, 1.0, 1.0, 1.0]))
+  thick = _regrid(paths['flair'], str(tmp_path / 'flair_thick.nii.gz'), (1.0, 1.0, 3.0))
+  out = str(tmp_path / 'seg.nii.gz')
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', thick, '--t1ce', paths['t1ce'],
+                    '--out', out)
+  assert rc == 2 and 'differs' in err and '--resample_to' in err
+  assert predict.main(['--checkpoint', exported, '--flair', thick, '--t1ce', paths['t1ce'],
+                       '--out', out, '--resample_to', 'T1Gd']) == 0
+  assert_same_geometry(out, paths['t1ce'])
+  with open(tmp_path / 'seg.json') as f:
+    record = json.load(f)
+  assert record['resampled_to_grid_of'] == 'T1Gd'
+  assert record['field_of_view_coverage']['FLAIR'] > 0.9
+  assert record['inputs']['FLAIR'] == os.path.abspath(thick)
+  # Volumes that are not in one frame (no overlap in world space) are refused.
+  far = nib.load(thick)
+  moved = far.affine.copy()
+  moved[:3, 3] += 500.0
+  nib.save(nib.Nifti1Image(np.asarray(far.dataobj), moved), str(tmp_path / 'far.nii.gz'))
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', str(tmp_path / 'far.nii.gz'),
+                    '--t1ce', paths['t1ce'], '--out', out, '--resample_to', 't1ce')
+  assert rc == 2 and 'do not overlap in world space' in err and 'not co-registered' in err
+  rc, err = run_cli(capsys, '--checkpoint', exported, '--flair', thick, '--out', out,
+                    '--resample_to', 'T2')
+  assert rc == 2 and 'not among the inputs' in err
+
+
+REAL = os.environ.get('MSTKD_BRATS2018', os.path.join(os.path.dirname(helpers_eval.ROOT),
+                                                      'shared', 'data', 'brats2018'))
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason='BraTS 2018 sample cases not available')
+def test_resample_to_on_a_real_case(model, tmp_path):
+  """A real case whose FLAIR is re-gridded to 5 mm slices: predicted onto the T1Gd grid, the
+  output has the T1Gd geometry and the resampled FLAIR keeps the scan's intensities."""
+  case = sorted(os.listdir(REAL))[0]
+  folder = os.path.join(REAL, case)
+  flair = os.path.join(folder, f'{case}_flair.nii.gz')
+  t1ce = os.path.join(folder, f'{case}_t1ce.nii.gz')
+  thick = _regrid(flair, str(tmp_path / 'flair_5mm.nii.gz'), (1.0, 1.0, 5.0))
+  assert nib.load(thick).shape[2] < nib.load(flair).shape[2] / 4
+  regridded, coverage = predict.regrid.onto_grid_of({'flair': thick, 't1ce': t1ce}, 'T1Gd',
+                                                    str(tmp_path))
+  assert coverage['FLAIR'] > 0.95
+  back = np.asarray(nib.load(regridded['flair']).dataobj)
+  original = np.asarray(nib.load(flair).dataobj, np.float32)
+  assert back.shape == original.shape
+  brain = original > 0
+  # Through 5 mm and back: the same scan, smoothed along z.
+  assert np.corrcoef(back[brain], original[brain])[0, 1] > 0.9
