@@ -51,13 +51,13 @@ def training_label_convention(config, workdir):
   record = pipeline.read_label_convention(workdir) if workdir else None
   if record and record.get('convention'):
     counts = ', '.join(f'{n} {k}' for k, n in (record.get('cases') or {}).items())
-    return record['convention'], f'recorded at training ({counts} cases)'
+    return record['convention'], f'the convention of its training cases ({counts})'
   layout = str(config.data.get('layout', 'auto') or 'auto')
   if layout != 'auto':
-    return layouts.get_layout(layout).name, f'the training config (data.layout={layout})'
+    return layouts.get_layout(layout).name, f'its training config (data.layout={layout})'
   if not config.data.get('root'):
     return (layouts.get_layout(config.data.synthetic_layout).name,
-            'the training config (synthetic cases)')
+            'its training config (synthetic cases)')
   return None, 'not recorded by this run (trained before the convention was recorded)'
 
 

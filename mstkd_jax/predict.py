@@ -58,6 +58,10 @@ What comes out:
   and a 5 mm FLAIR of one session) are resampled onto that modality's grid by their affines
   (trilinear, no registration; ``regrid.py``); volumes that do not overlap in world space
   are refused (not co-registered). The output is in that modality's geometry;
+* ``--report``: a one-page picture per case (``<out>_report.png``): axial, coronal and
+  sagittal slices through the tumour's centre with the predicted regions over the T1Gd (else
+  FLAIR, T2, T1), the volumes, the modalities used, the label convention and the expected
+  Dice;
 * ``--save_probabilities`` also writes the four sigmoid channels (NETC/NCR, SNFH/ED, ET,
   background) as a float32 4D NIfTI in the same geometry (``<out>_probs.nii.gz``); when the
   model works at another voxel size they are resampled trilinearly, and the segmentation is the
@@ -179,7 +183,7 @@ class LabelChoice:
 
   def describe(self):
     values = ', '.join(f'{v} {n}' for n, v in LABEL_NAMES[self.layout])
-    return f'{self.layout} labels ({values}; from {self.source})'
+    return f'{self.layout} labels ({values}), by {self.source}'
 
 
 # Written label value of each region, per convention (innermost region wins, see
@@ -212,7 +216,7 @@ def resolve_labels(labels, config_or_model, cases_paths, option_names=()) -> Lab
     return LabelChoice(layouts.get_layout(facts.label_convention).name, facts.label_source)
   layout = str(config.data.get('layout', 'auto') or 'auto')
   if layout != 'auto':
-    return LabelChoice(layouts.get_layout(layout).name, 'the model config')
+    return LabelChoice(layouts.get_layout(layout).name, "the model config's data.layout")
   if not isinstance(cases_paths, dict):
     cases_paths = {'patient': cases_paths}
   by_case = {case_id: _layout_from_names(paths) for case_id, paths in cases_paths.items()}
@@ -228,9 +232,9 @@ def resolve_labels(labels, config_or_model, cases_paths, option_names=()) -> Lab
                        'convention)')
   names = {str(n).lower() for n in option_names}
   if names and names <= set(LEGACY_KEYS):
-    return LabelChoice('brats2021', 'the option names (the model does not record its '
+    return LabelChoice('brats2021', 'the option names used (the model does not record its '
                        'convention)')
-  return LabelChoice('brats2024', 'the default (the model does not record its convention)')
+  return LabelChoice('brats2024', 'default (the model does not record its convention)')
 
 
 def probs_to_labels(probs, layout, threshold=0.5):
@@ -438,6 +442,38 @@ def case_record(prediction: Prediction, model: Model, case_id, written, threshol
   return record
 
 
+def write_case_report(prediction: Prediction, record, out):
+  """``<out>_report.png``: the one-page picture of the case (visualize.draw_case_report), over
+  the T1Gd if given (else FLAIR, T2, T1) on the output's grid."""
+  from mstkd_jax import visualize  # pylint: disable=import-outside-toplevel
+  if prediction.resampled_to:
+    background = prediction.inputs[prediction.resampled_to]
+  else:
+    background = next(prediction.inputs[m] for m in visualize.REPORT_BACKGROUND
+                      if prediction.inputs.get(m))
+  path = sidecar_path(out)[:-len('.json')] + '_report.png'
+  return visualize.draw_case_report(background, prediction.labels, prediction.layout, record,
+                                    path)
+
+
+def case_id_from_files(paths):
+  """The case id of a patient's files: the first file's name without its modality key
+  (``Brats18_X_1`` of ``Brats18_X_1_flair.nii.gz``, ``BraTS-GLI-00001-000`` of
+  ``BraTS-GLI-00001-000-t2f.nii.gz``), or the name itself."""
+  stems = []
+  for path in paths:
+    if not path:
+      continue
+    stem = layouts.strip_nifti_suffix(os.path.basename(str(path))) or os.path.basename(path)
+    for layout in layouts.LAYOUTS.values():
+      for key in layout.image_keys:
+        if stem.lower().endswith(layout.sep + key):
+          stem = stem[:-len(layout.sep + key)]
+          break
+    stems.append(stem)
+  return stems[0] if stems else 'patient'
+
+
 def write_sidecar(record, out):
   path = sidecar_path(out)
   write_json_atomic(path, record, indent=2)
@@ -642,7 +678,7 @@ def _read_sidecar(out):
 
 
 def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=False,
-                   skip_existing=False, **kwargs):
+                   skip_existing=False, report=False, **kwargs):
   """Segments ``cases`` (from ``folder_cases``) into ``out_dir/<case id>.nii.gz`` with a
   ``<case id>.json`` sidecar each and ``volumes.csv`` over the folder; one label convention
   for the whole run (``resolve_labels``). ``skip_existing``: not the cases whose output
@@ -676,6 +712,9 @@ def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=Fals
       prediction = predict_files(model, paths, labels=choice, case_id=case_id, **kwargs)
       files = write_prediction(prediction, out, save_probabilities)
       record = case_record(prediction, model, case_id, files, kwargs.get('threshold', 0.5))
+      if report:
+        files.append(write_case_report(prediction, record, out))
+        record['outputs'].append(os.path.abspath(files[-1]))
       files.append(write_sidecar(record, out))
       records[case_id] = record
       written += files
@@ -736,6 +775,9 @@ def _define_flags(fv):
                       'e.g. 1 mm T1Gd and 5 mm FLAIR): resample the others onto this '
                       "modality's grid by their affines (no registration); the output is in its "
                       'geometry.', flag_values=fv)
+  flags.DEFINE_bool('report', False, 'Also a one-page picture per case (<out>_report.png): '
+                    'three orthogonal slices through the tumour with the predicted regions, '
+                    'the volumes, the modalities used and the expected Dice.', flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Windows per forward pass.', flag_values=fv)
   flags.DEFINE_string('config', None, 'Optional configs/X.py[:variant] the checkpoint must be '
                       'compatible with.', flag_values=fv)
@@ -796,7 +838,7 @@ def main(argv=None):
             f'{choice.describe()}', file=sys.stderr, flush=True)
       written, failed, skipped, choice, records = predict_folder(
           model, scan.cases, args.out, choice, args.save_probabilities,
-          skip_existing=args['continue'].value, **kwargs)
+          skip_existing=args['continue'].value, report=args.report, **kwargs)
       done = len(scan.cases) - len(failed) - len(skipped)
       print(f'{done} case(s) segmented into {args.out} in {time.time() - t0:.1f} s, '
             f'{choice.describe()}'
@@ -815,9 +857,13 @@ def main(argv=None):
         return 1
       return 0
     choice = resolve_labels(args.labels, model, [p for p in options.values() if p], used)
-    prediction = predict_files(model, options, labels=choice, **kwargs)
+    case_id = case_id_from_files(options.values())
+    prediction = predict_files(model, options, labels=choice, case_id=case_id, **kwargs)
     written = write_prediction(prediction, args.out, args.save_probabilities)
-    record = case_record(prediction, model, 'patient', written, args.threshold)
+    record = case_record(prediction, model, case_id, written, args.threshold)
+    if args.report:
+      written.append(write_case_report(prediction, record, args.out))
+      record['outputs'].append(os.path.abspath(written[-1]))
     written.append(write_sidecar(record, args.out))
   except (PredictionError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

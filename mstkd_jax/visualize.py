@@ -289,6 +289,107 @@ def learning_curves(workdir, out=None):
   return out
 
 
+# ----------------------------------------------------------------------------------------------
+# One-page case report of a prediction (predict --report)
+
+# Which scan to show under the overlay, in order of preference: T1Gd shows the enhancing rim.
+REPORT_BACKGROUND = ('T1Gd', 'FLAIR', 'T2', 'T1')
+
+
+def _canonical(data, affine):
+  """``data`` and its voxel sizes reoriented to the closest RAS+ axes, so that the three views
+  come out as axial, coronal and sagittal whatever the file's orientation."""
+  img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data), affine))
+  return np.asarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def tumour_centre(regions):
+  """Voxel index (x, y, z) of the WT centre of mass (the volume's centre without tumour)."""
+  wt = regions['WT']
+  if not wt.any():
+    return tuple(n // 2 for n in wt.shape)
+  return tuple(int(round(c)) for c in np.argwhere(wt).mean(axis=0))
+
+
+def draw_case_report(background_path, labels, layout, record, out):
+  """A one-page PNG of one predicted case: axial, coronal and sagittal slices through the
+  tumour's centre (the scan at ``background_path`` under the predicted regions) and a panel
+  with the modalities used, the label convention, the volumes and the expected accuracy
+  (``record``: the prediction's sidecar, predict.case_record)."""
+  matplotlib.use('Agg')
+  img = nib.load(background_path)
+  scan, zooms = _canonical(np.asarray(img.dataobj, np.float32), img.affine)
+  codes, _ = _canonical(layouts.labels_to_codes(labels, layout), img.affine)
+  regions = layouts.region_masks(codes)
+  x, y, z = tumour_centre(regions)
+  lo, hi = np.percentile(scan[scan > 0], (0.5, 99.5)) if (scan > 0).any() else (0.0, 1.0)
+  views = (('Axial', lambda a: a[:, :, z], (zooms[1], zooms[0])),
+           ('Coronal', lambda a: a[:, y, :], (zooms[2], zooms[0])),
+           ('Sagittal', lambda a: a[x, :, :], (zooms[2], zooms[1])))
+  fig = plt.figure(figsize=(15, 5.6))
+  grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.15))
+  for k, (name, cut, (row_mm, col_mm)) in enumerate(views):
+    ax = fig.add_subplot(grid[0, k])
+    section = {r: cut(m) for r, m in regions.items()}
+    rgba = np.zeros(section['WT'].shape + (4,), np.float32)
+    for region in ('WT', 'TC', 'ET'):
+      rgba[section[region]] = COLOURS[region]
+    ax.imshow(np.rot90(cut(scan)), cmap='gray', vmin=lo, vmax=hi, interpolation='nearest',
+              aspect=row_mm / col_mm)
+    ax.imshow(np.rot90(rgba), interpolation='nearest', aspect=row_mm / col_mm)
+    index = {'Axial': z, 'Coronal': y, 'Sagittal': x}[name]
+    ax.set_title(f'{name} (slice {index}, RAS)', fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  ax = fig.add_subplot(grid[0, 3])
+  ax.axis('off')
+  ax.legend(handles=[Patch(color=COLOURS[r][:3], label=n) for r, n in
+                     (('WT', 'WT (oedema / SNFH)'), ('TC', 'TC (core / NETC)'),
+                      ('ET', 'ET (enhancing)'))],
+            loc='lower left', frameon=False, fontsize=10)
+  ax.text(0.0, 1.0, _report_text(record, os.path.basename(background_path)),
+          va='top', ha='left', family='monospace', fontsize=9.5, transform=ax.transAxes)
+  fig.suptitle(f'{record["case_id"]}: predicted tumour regions', fontsize=13)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out
+
+
+def _report_text(record, background):
+  volumes = record['volumes_ml']
+  lines = [f'Modalities used: {record["modalities_used"]}']
+  if record['modalities_missing']:
+    lines.append(f'Missing:         {", ".join(record["modalities_missing"])}')
+  lines += ['', 'Tumour volumes (mL)',
+            f'  WT {volumes["WT"]:8.2f}   TC {volumes["TC"]:8.2f}   ET {volumes["ET"]:8.2f}']
+  labels = [k for k in volumes if k not in ('WT', 'TC', 'ET')]
+  lines.append('  ' + '   '.join(f'{k} {volumes[k]:.2f}' for k in labels))
+  expected = record.get('expected_accuracy')
+  lines += ['', f'Expected Dice with {record["modalities_used"]}']
+  if expected:
+    dice = expected['dice']
+    lines.append(f'  WT {100 * dice["WT"]:.1f}  TC {100 * dice["TC"]:.1f}  '
+                 f'ET {100 * dice["ET"]:.1f} %')
+    lines.append(f'  ({expected["num_cases"]} {expected["split"]} case(s) of the model\'s')
+    lines.append(f'   own evaluation, {expected["evaluated"]})')
+  else:
+    lines.append('  not known: no evaluation recorded')
+    lines.append('  with this model')
+  convention = record['labels']
+  lines += ['', f'Labels: {convention["convention"]} '
+                + ', '.join(f'{k}={v}' for k, v in convention['values'].items())]
+  if record.get('test_time_mirroring'):
+    lines.append('Test-time mirroring: on (8 mirrorings)')
+  if record.get('resampled_to_grid_of'):
+    lines.append(f'Resampled onto the {record["resampled_to_grid_of"]} grid')
+  model = record['model']
+  lines += [f'Background: {background}', f'Model: {os.path.basename(model["checkpoint"])}',
+            f'  ({model["source"]})'[:60], '', 'Research use only: not a medical device.']
+  return '\n'.join(lines)
+
+
 COMMAND = cli.Command('python -m mstkd_jax.visualize', __doc__)
 flags.DEFINE_string('checkpoint', None, 'Exported student folder or training workdir.',
                     required=True, flag_values=COMMAND.flags)

@@ -172,9 +172,10 @@ def test_the_recorded_convention_wins_over_file_names(model):
   # The shared model trained on synthetic brats2021 cases; the record says so.
   assert model.facts.label_convention == 'brats2021'
   choice = predict.resolve_labels('auto', model, ['/x/BraTS-GLI-00001-000-t2f.nii.gz'])
-  assert choice.layout == 'brats2021' and 'recorded at training' in choice.source
+  assert choice.layout == 'brats2021'
+  assert choice.source == 'the convention of its training cases (4 brats2021)'
   mixed = predict.Model(model.config, None, None, 'test',
-                        model_facts.ModelFacts('mixed', 'recorded at training', None))
+                        model_facts.ModelFacts('mixed', 'the convention of its training cases', None))
   with pytest.raises(predict.PredictionError, match='both label conventions.*--labels'):
     predict.resolve_labels('auto', mixed, ['/x/a_flair.nii.gz'])
   assert predict.resolve_labels('brats2024', mixed, []).layout == 'brats2024'
@@ -206,7 +207,8 @@ def test_folder_mode_one_convention_sidecars_and_volumes(exported, tmp_path, cap
   # One convention for the run, the model's, whatever the files are called; said once.
   for case in ('BraTS-GLI-00001-000', 'Brats18_X_1'):
     assert set(np.unique(nib.load(str(out / f'{case}.nii.gz')).dataobj)) <= {0, 1, 2, 4}
-  assert 'brats2021 labels (1 NCR, 2 ED, 4 ET; from recorded at training' in captured.out
+  assert ('brats2021 labels (1 NCR, 2 ED, 4 ET), by the convention of its training cases '
+          '(4 brats2021)') in captured.out
   with open(out / 'BraTS-GLI-00001-000.json') as f:
     record = json.load(f)
   assert record['labels']['convention'] == 'brats2021'
@@ -580,3 +582,32 @@ def test_resample_to_on_a_real_case(model, tmp_path):
   brain = original > 0
   # Through 5 mm and back: the same scan, smoothed along z.
   assert np.corrcoef(back[brain], original[brain])[0, 1] > 0.9
+
+
+def test_case_report(exported, tmp_path):
+  paths = write_patient(str(tmp_path / 'in'), (40, 36, 30), seed=6, keys=('flair', 't1ce'))
+  out = str(tmp_path / 'P1.nii.gz')
+  assert predict.main(['--checkpoint', exported, '--flair', paths['flair'], '--t1ce',
+                       paths['t1ce'], '--out', out, '--report']) == 0
+  png = tmp_path / 'P1_report.png'
+  assert png.stat().st_size > 20_000
+  with open(png, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(tmp_path / 'P1.json') as f:
+    record = json.load(f)
+  assert str(png) in record['outputs'] and record['case_id'] == 'P1'
+  assert predict.case_id_from_files(['/a/BraTS-GLI-00001-000-t2f.nii.gz']) == \
+      'BraTS-GLI-00001-000'
+  assert predict.case_id_from_files(['/a/scan.nii']) == 'scan'
+  record = {'case_id': 'P1', 'modalities_used': 'FLAIR+T1Gd', 'modalities_missing': ['T1', 'T2'],
+            'volumes_ml': {'WT': 12.5, 'TC': 3.25, 'ET': 1.0, 'NCR': 2.25, 'ED': 9.25,
+                           'ET ': 1.0},
+            'expected_accuracy': {'dice': {'WT': 0.8, 'TC': 0.6, 'ET': 0.5}, 'num_cases': 4,
+                                  'split': 'test', 'evaluated': 'step 6000'},
+            'labels': {'convention': 'brats2021', 'values': {'NCR': 1, 'ED': 2, 'ET': 4}},
+            'model': {'checkpoint': '/m/export', 'source': 'export /m/export'}}
+  text = visualize._report_text(record, 'P1_t1ce.nii.gz')
+  assert 'Missing:         T1, T2' in text and 'WT    12.50' in text
+  assert 'WT 80.0  TC 60.0  ET 50.0 %' in text and '4 test case(s)' in text
+  record['expected_accuracy'] = None
+  assert 'not known: no evaluation recorded' in visualize._report_text(record, 'x')
