@@ -7,9 +7,10 @@
 Two phases, each measurement in its own subprocess (a crash, a hang or an out-of-memory in one
 leaves the others standing; each starts with an empty device):
 
-1. Cold compile (``compile_*`` lines): one process per step and evaluation program of the run,
-   ``--precompile-jobs`` at a time, each compiling its program and the state's initialisation
-   into an empty persistent compilation cache (``--cache-dir``) and reporting the seconds.
+1. Cold compile (``compile_*`` lines): one process per step and evaluation program of the run
+   and one per initialisation program (``compile_init``: compiled and run), ``--precompile-jobs``
+   at a time, each compiling into an empty persistent compilation cache (``--cache-dir``) and
+   reporting the seconds.
    Several compile side by side (the machine has many cores; ``concurrent`` says how many), so
    these are upper bounds of one cold compile on an idle machine.
 2. Measurements, one after another, each a fresh process reading that cache (so ``compile_s``
@@ -84,7 +85,7 @@ def case_xla_flags(name):
     return STEP_CASES[name][2]
   if name in EVAL_CASES:
     return EVAL_CASES[name][1]
-  return ''
+  return NHWC_FLAG if name == 'init_nhwc' else ''
 
 
 def _config(smoke, dtype='float32', remat=False):
@@ -192,8 +193,18 @@ def _initial_state(config, mesh, out):
 
 
 def case_compile_step(args, dtype, remat):
-  """Cold-compile phase: compile one step variant and initialise its state, nothing more."""
-  config, mesh, _, out = _compiled_step(args, dtype, remat)
+  """Cold-compile phase: compile one step variant, nothing more."""
+  return _compiled_step(args, dtype, remat)[-1]
+
+
+def case_compile_init(args):
+  """Cold-compile phase: compile and run the state's initialisation (one program for every
+  step variant of the same XLA flags: the data type and remat do not enter it)."""
+  import jax
+  from mstkd_jax import parallel
+  config = _config(args.smoke)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  out = {'cache_entries_at_start': _cache_entries()}
   _initial_state(config, mesh, out)
   return out
 
@@ -535,6 +546,7 @@ def run_case(args):
   for case, (dtype, _) in EVAL_CASES.items():
     cases[case] = lambda d=dtype: case_eval(args, d)
     cases['compile_' + case] = lambda d=dtype: case_compile_eval(args, d)
+  cases['compile_init'] = cases['compile_init_nhwc'] = lambda: case_compile_init(args)
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   result = {'case': name}
@@ -642,7 +654,7 @@ def main(argv=None):
                       "authors' files under authors/ (never committed)")
   parser.add_argument('--cache-dir', default=os.path.join('/tmp', f'gpu_check_cache_{os.getpid()}'),
                       help='JAX compilation cache shared by the cases')
-  parser.add_argument('--precompile-jobs', type=int, default=6,
+  parser.add_argument('--precompile-jobs', type=int, default=9,
                       help='cold-compile phase: programs compiled side by side (0: no phase; '
                       'each measurement then compiles its own program, cold or not)')
   parser.add_argument('--precompile-timeout-s', type=float, default=300.0,
@@ -672,8 +684,12 @@ def main(argv=None):
       with open(args.out, 'a') as f:
         f.write(line + '\n')
 
-  # Each step and evaluation case compiles one program of its own.
+  # Each step and evaluation case compiles one program of its own; the step cases share the
+  # initialisation program (one per set of XLA flags).
   programs = [c for c in cases if c in STEP_CASES or c in EVAL_CASES]
+  flag_sets = {STEP_CASES[c][2] for c in programs if c in STEP_CASES}
+  programs = [p for p, flags in (('init', ''), ('init_nhwc', NHWC_FLAG)) if flags in flag_sets] \
+      + programs
   if args.precompile_jobs > 0 and programs:
     if 'env' in cases:   # the versions and the device first, whatever happens next
       report(_child(args, 'env', args.case_timeout_s))

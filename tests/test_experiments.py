@@ -28,7 +28,8 @@ def test_gpu_check_smoke(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   by_case = {line['case']: line for line in lines}
-  assert set(by_case) == {'env', 'compile_step_f32', 'compile_eval_f32', 'step_f32', 'eval_f32'}
+  assert set(by_case) == {'env', 'compile_init', 'compile_step_f32', 'compile_eval_f32', 'step_f32',
+                          'eval_f32'}
   assert not any('error' in line for line in lines), lines
   assert by_case['env']['backend'] == 'cpu'
   # The cold-compile phase filled the cache that the measurements then read.
