@@ -22,7 +22,7 @@ leaves the others standing; each starts with an empty device):
               compile time, compiled memory (``compiled.memory_analysis()``), seconds per step
               (each step synchronised, and a pipelined run of several steps), volumes/s,
               peak device memory, achieved TFLOP/s and MFU from the step's 6,670 GFLOP
-              (REFERENCE_NUMBERS.md) against the chip's dense bf16 peak. Those marked in
+              (measured on the authors' PyTorch code) against the chip's dense bf16 peak. Those marked in
               ``STEP_CASES`` then trace one step under ``jax.profiler.trace`` (``profile``):
               device time by kind of operation (convolution, GroupNorm, matmul, ...;
               ``profile_step.classify``) and the ten kernels that take the most time, with
@@ -49,7 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# One full training step at 160x192x128 (REFERENCE_NUMBERS.md, the authors' network).
+# One full training step at 160x192x128, measured on the authors' PyTorch code (commit 2c77373).
 STEP_GFLOP_FULL = 6670.0
 # NVIDIA H200 / H100 SXM dense bf16 tensor-core peak (datasheet), TFLOP/s.
 PEAK_TFLOPS = {'H200': 989.4, 'H100': 989.4}
@@ -70,7 +70,7 @@ STEP_CASES = {
 }
 EVAL_CASES = {'eval_f32': ('float32', ''), 'eval_bf16': ('bfloat16', ''),
               'eval_bf16_nhwc': ('bfloat16', NHWC_FLAG)}
-# The most wanted first: a lease may end before the last (torch_ref, with --torch-ref-dir,
+# The most wanted first: GPU time may end before the last (torch_ref, with --torch-ref-dir,
 # goes after eval_f32).
 DEFAULT_CASES = ['env', 'step_bf16', 'step_bf16_nhwc', 'step_f32', 'eval_f32',
                  'step_bf16_remat', 'step_f32_remat', 'eval_bf16']
