@@ -151,3 +151,21 @@ def test_term_gradients_on_a_tiny_run(tmp_path):
     if l['part'] == 'dice_student':
       assert l['cos_with_dice'] == pytest.approx(1.0, abs=1e-4)
       assert l['grad_norm'] > 0.0
+
+
+@pytest.mark.slow
+def test_predict_options_smoke(tmp_path):
+  """experiments/predict_options.py on a 1-step synthetic run: every option's line and the
+  report, with paired differences against the plain pass."""
+  out = tmp_path / 'popt'
+  proc = _run(['experiments/predict_options.py', '--smoke', '--out', str(out),
+               '--subsets', '1111,1000'], timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = [json.loads(line) for line in (out / 'cases.jsonl').read_text().splitlines()]
+  assert {(r['option'], r['subset']) for r in lines} == {
+      ('plain', 'FLAIR+T1+T1Gd+T2'), ('tta', 'FLAIR+T1+T1Gd+T2'), ('regrid', 'FLAIR+T1+T1Gd+T2'),
+      ('plain', 'FLAIR'), ('tta', 'FLAIR')}
+  report = json.loads((out / 'report.json').read_text())['options']
+  assert len(report['tta FLAIR']['diff_WT']) == 5
+  assert 0.0 <= report['regrid FLAIR+T1+T1Gd+T2']['agreement_ET'] <= 1.0
+  assert 'Agreement (Dice) of the re-gridded prediction' in (out / 'report.md').read_text()
