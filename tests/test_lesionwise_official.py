@@ -188,6 +188,40 @@ def test_brats2023_equals_the_official_script(tmp_path, official_2023, challenge
     _assert_same_2023(rows, theirs, name)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BRATS2018 = os.environ.get('MSTKD_BRATS2018',
+                           os.path.join(os.path.dirname(REPO), 'shared', 'data', 'brats2018'))
+
+
+def _real_cases(count):
+  """(case id, BraTS 2021 labels, voxel size) of the first ``count`` real cases."""
+  if not os.path.isdir(BRATS2018):
+    pytest.skip(f'no BraTS 2018 cases at {BRATS2018}')
+  out = []
+  for case in sorted(os.listdir(BRATS2018))[:count]:
+    image = nib.load(os.path.join(BRATS2018, case, f'{case}_seg.nii.gz'))
+    out.append((case, np.asarray(image.dataobj).astype(np.uint8),
+                tuple(float(z) for z in image.header.get_zooms())))
+  return out
+
+
+@pytest.mark.slow
+def test_brats2023_equals_the_official_script_on_real_labels(tmp_path, official_2023):
+  """Real BraTS 2018 labels (converted to the 2023 codes, 4 -> 3, for the official script)
+  against perturbed copies of themselves (moved by a voxel, boundary voxels flipped, a false
+  positive): every lesion-wise number of every region equals the official script's."""
+  cases = []
+  for seed, (case, labels, zooms) in enumerate(_real_cases(4)):
+    labels = np.where(labels == 4, 3, labels).astype(np.uint8)
+    cases.append((case, labels, _perturbed(labels, np.random.RandomState(seed)), zooms))
+  rows, _ = _evaluate(tmp_path, cases, 'brats2023')
+  official = official_2023([(str(tmp_path / 'pred' / f'{name}.nii.gz'),
+                             str(tmp_path / 'ref' / f'{name}.nii.gz'), 'BraTS-GLI')
+                            for name, *_ in cases])
+  for (name, *_), theirs in zip(cases, official):
+    _assert_same_2023(rows, theirs, name)
+
+
 # ---- BraTS 2025 ----
 
 @pytest.fixture(scope='module')
