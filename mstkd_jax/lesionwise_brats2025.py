@@ -15,8 +15,8 @@ challenge. Its lesion-wise metrics are defined differently from the 2023 ones
   detection; TP / FN / FP count matched, unmatched reference and unmatched predicted
   instances. No instance in either mask: NaN; no match (but some instance): Dice and NSD 0,
   HD95 inf;
-* for BraTS-MET the official parser reports the lesion-wise means over lesions of at least
-  20 voxels, with unmatched lesions and false positives counted (Dice 0, HD95 373).
+* for BraTS-MET the official parser averages over the reference lesions of at least 20 mm^3
+  and the false positives, unmatched lesions and false positives counting Dice 0, HD95 373.
 
 This module only builds the inputs, calls ``brats_evaluation.evaluate_single_exam`` with the
 evaluator of the bundled config, and writes the JSON that ``brats-evaluate`` writes; the
@@ -27,7 +27,9 @@ optional extra ``brats`` (``pip install "mstkd-jax[brats]"``).
 What differs from running ``brats-evaluate`` on the files: the label files are read by this
 project (``--labels``: BraTS 2024 or 2021 codes), and the WT / TC / ET regions are handed to
 panoptica as an image in the 2024 codes (3 ET, 1 the rest of TC, 2 the rest of WT), as in-memory
-NIfTI images with the reference's affine and voxel size. Only WT, TC and ET are reported.
+NIfTI images with the reference's affine and voxel size. Only WT, TC and ET are reported. On
+anisotropic voxels ``brats-evaluate`` (SimpleITK arrays come in reversed axis order, the voxel
+size does not) applies each voxel size to another axis; here each axis keeps its own.
 """
 
 import contextlib

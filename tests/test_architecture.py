@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md hold: no module imports a layer above its own.
 
   faces        main, run, predict, visualize, convert_torch, data.prepare, evaluate_folder
-  train | eval train, step | evaluate, metrics, lesionwise(_brats2025), report, export   (side by side)
+  train | eval train, step | evaluate, metrics, lesionwise(_brats2025), report, export
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
                (logging_utils, fileio, host_memory, cli)

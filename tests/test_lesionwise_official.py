@@ -93,7 +93,7 @@ def _read_csv(path):
 
 
 def _evaluate(tmp_path, cases, definition, challenge='BraTS-GLI'):
-  """lesion-wise rows of evaluate_folder: {(case, region): row}."""
+  """(evaluate_folder's lesion-wise rows {(case, region): row}, its output folder)."""
   pred, ref = _folders(tmp_path, cases)
   out = tmp_path / f'out-{definition}-{challenge}'
   evaluate_folder.evaluate_folder(str(pred), str(ref), str(out), labels='brats2024',
@@ -108,7 +108,7 @@ def _evaluate(tmp_path, cases, definition, challenge='BraTS-GLI'):
 def test_brats2023_by_hand(tmp_path):
   """Two 4^3 ET lesions A and B; the prediction is A moved one voxel along z, and a 2^3
   component far from both. A is found (Dice 2 * 48 / 128 = 0.75; the corner-point surfaces of
-  A and its copy are at distance 0 or 1, a third of them at 1, so surface-distance's HD95 is
+  A and its copy are at distance 0 or 1, about a third of them at 1, so surface-distance's HD95 is
   1 mm), B is missed, the 2^3 component is a false positive: lesion-wise Dice
   (0.75 + 0) / 3 = 0.25, HD95 (1 + 374 + 374) / 3."""
   ref = np.zeros((20, 20, 20), np.uint8)
@@ -225,18 +225,19 @@ def test_brats2023_equals_the_official_script_on_real_labels(tmp_path, official_
 # ---- BraTS 2025 ----
 
 @pytest.fixture(scope='module')
-def brats_evaluation():
+def official_2025():
+  """The brats_evaluation module."""
   return pytest.importorskip('brats_evaluation',
                              reason='pip install "mstkd-jax[brats]" for the BraTS 2025 metrics')
 
 
-def test_brats2025_by_hand(tmp_path, brats_evaluation):  # pylint: disable=redefined-outer-name
+@pytest.mark.usefixtures('official_2025')
+def test_brats2025_by_hand(tmp_path):
   """The case of test_brats2023_by_hand under the 2025 definition: A matched with its moved
   copy (Dice 0.75; their surface voxels are 0 or 1 voxel apart, so HD95 1 mm and NSD 1 at the
   1 mm tolerance), B unmatched, the 2^3 component a false positive. Lesion-wise Dice 0.75 (the
   matched pair only), F1 = 1 / (1 + (1 + 1) / 2) = 0.5, PQ 0.375; whole-region Dice
   2 * 48 / (72 + 128) = 0.48."""
-  del brats_evaluation
   ref = np.zeros((20, 20, 20), np.uint8)
   pred = np.zeros_like(ref)
   ref[2:6, 2:6, 2:6] = ref[12:16, 12:16, 12:16] = 3
@@ -256,8 +257,9 @@ def test_brats2025_by_hand(tmp_path, brats_evaluation):  # pylint: disable=redef
 
 
 def _official_2025_csv(brats_evaluation, pred_dir, ref_dir, config, tmp_path):
-  """What brats-evaluate --config CONFIG then brats-parse-metrics seg write, by their own
-  functions, on the files: {subject: row}."""
+  """What brats-evaluate --config CONFIG then brats-parse-metrics (seg; mets for the mets
+  config, with its default thresholds) write, by their own functions, on the files:
+  {subject: row}."""
   from panoptica import Panoptica_Evaluator  # pylint: disable=import-outside-toplevel
   with contextlib.redirect_stdout(io.StringIO()):
     evaluator = Panoptica_Evaluator.load_from_config(str(brats_evaluation.config_path(config)))
@@ -266,16 +268,21 @@ def _official_2025_csv(brats_evaluation, pred_dir, ref_dir, config, tmp_path):
                for name in sorted(os.listdir(ref_dir))]
     json_path, csv_path = tmp_path / 'official.json', tmp_path / 'official.csv'
     json_path.write_text(json.dumps({'metrics': results, 'missings': []}))
-    brats_evaluation.parse_seg_results(str(json_path), str(csv_path))
+    if config == 'mets':
+      brats_evaluation.parse_mets_results(str(json_path), 20.0, 0.1, str(csv_path))
+    else:
+      brats_evaluation.parse_seg_results(str(json_path), str(csv_path))
   return {row['subject_id']: row for row in _read_csv(csv_path)}
 
 
-def test_brats2025_equals_the_official_package(tmp_path, brats_evaluation):  # pylint: disable=redefined-outer-name
+@pytest.mark.parametrize('challenge,config', [('BraTS-GLI', 'gli'), ('BraTS-MEN', 'MenPre'),
+                                              ('BraTS-MET', 'mets')])
+def test_brats2025_equals_the_official_package(tmp_path, official_2025, challenge, config):
   """Every number of the official CSV, per case and group (WT, TC, ET and the labels' own
   groups), equals ours; BraTS 2021 label files (4 = ET) give the same numbers."""
   cases = [c for c in _cases() if c[3] == (1.0, 1.0, 1.0)]   # isotropic, as BraTS images
-  rows, out = _evaluate(tmp_path, cases, 'brats2025')
-  official = _official_2025_csv(brats_evaluation, tmp_path / 'pred', tmp_path / 'ref', 'gli',
+  rows, out = _evaluate(tmp_path, cases, 'brats2025', challenge)
+  official = _official_2025_csv(official_2025, tmp_path / 'pred', tmp_path / 'ref', config,
                                 tmp_path)
   ours = {row['subject_id']: row for row in _read_csv(out / 'brats2025_metrics.csv')}
   for name, *_ in cases:
@@ -296,6 +303,6 @@ def test_brats2025_equals_the_official_package(tmp_path, brats_evaluation):  # p
     _write(str(old / 'pred' / f'{name}.nii.gz'), to_2021[pred], zooms)
   evaluate_folder.evaluate_folder(str(old / 'pred'), str(old / 'ref'), str(old / 'out'),
                                   labels='brats2021', lesion_wise='brats2025',
-                                  log=lambda *_: None)
+                                  challenge=challenge, log=lambda *_: None)
   again = _read_csv(old / 'out' / 'lesion_wise_brats2025.csv')
   assert again == _read_csv(out / 'lesion_wise_brats2025.csv')
