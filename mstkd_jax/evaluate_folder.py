@@ -219,8 +219,9 @@ def score_case(pred_path, ref_path, labels='auto', convention='brats', lesion_wi
                                          dilation, min_volume) for r in metrics.REGIONS}
   elif definition == 'brats2025':
     lesions = lesionwise_brats2025.evaluate_case(
-        evaluator, case_id or os.path.basename(ref_path), pred_regions, ref_regions,
-        ref.affine, ref.spacing)
+        evaluator or lesionwise_brats2025.load_evaluator(challenge),
+        case_id or os.path.basename(ref_path), pred_regions, ref_regions, ref.affine,
+        ref.spacing)
   return scores, lesions
 
 
