@@ -25,9 +25,10 @@ BraTS-MEN (1, 50); BraTS-MET (1, 2).
 A lesion's HD95 is the official one (``surfel_hd95``): DeepMind's surface-distance package
 (https://github.com/google-deepmind/surface-distance), which the official script calls. Its
 surface is made of surface elements at the voxel corners, each weighted by its area, and the
-95th percentile is a distance of one of them (no interpolation). It differs from the MedPy
-HD95 of ``metrics.hd95`` (surface voxels counted alike, percentile interpolated), which is what
-the whole-region ``hd95`` of the evaluation reports, by up to about a voxel.
+95th percentile is a distance of one of them (no interpolation). It is not the MedPy HD95 of
+``metrics.hd95`` (surface voxels counted alike, percentile interpolated), which is what the
+whole-region ``hd95`` of the evaluation reports; the two differ by a fraction of a voxel to a
+few millimetres.
 """
 
 import dataclasses
