@@ -21,7 +21,9 @@ Dice of WT / TC / ET against the case's reference labels on the original grid
 (``metrics.case_metrics``, BraTS convention). Writes ``<out>/cases.jsonl`` (one line per case,
 subset and option, with the seconds) and ``<out>/report.md`` / ``report.json``: per option and
 region the mean Dice, the paired difference against ``plain`` over cases (Student-t 95 %
-interval) and the median seconds per case.
+interval) and the median seconds per case. Folds whose run has not finished are skipped (run
+the command again later: finished cases are not repeated). Each line records the 1-minute load
+average: times are only comparable on an otherwise idle machine.
 """
 
 import argparse
@@ -210,6 +212,7 @@ def main(argv=None):
         subsets[-1])}
 
   def log(record):
+    record['loadavg'] = round(os.getloadavg()[0], 2)
     records.append(record)
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
@@ -220,6 +223,10 @@ def main(argv=None):
     with open(os.path.join(args.runs, f'split_fold{fold}.json')) as f:
       test = json.load(f)['test']
     workdir = os.path.join(args.runs, f'fold{fold}', args.variant)
+    if not os.path.exists(os.path.join(workdir, 'eval', 'per_case.csv')):
+      print(f'[predict_options] fold {fold}: its run is not finished; skipped', flush=True)
+      fold += 1
+      continue
     todo = [cases_by_id[c] for c in test if c not in done]
     if todo:
       target = os.path.join(args.out, f'export_fold{fold}')

@@ -1,8 +1,8 @@
 """Score a folder of segmentations (any tool's) against reference labels.
 
   python -m mstkd_jax.evaluate_folder --pred runs/segs --ref /data/brats/val --out runs/segs/eval
-      [--labels auto|brats2024|brats2021] [--lesion_wise] [--challenge BraTS-GLI]
-      [--subset NAME] [--convention brats|authors]
+      [--labels auto|brats2024|brats2021] [--lesion_wise[=brats2023|brats2025]]
+      [--challenge BraTS-GLI] [--subset NAME] [--convention brats|authors]
 
 --pred: a folder of NIfTI label files, one per case, named <case id>.nii.gz (what predict
 writes, and what BraTS submissions use; <case id>_seg / -seg are accepted too).
@@ -20,11 +20,17 @@ folder whose files were read with both is reported (a warning line, and
 explicitly for BraTS 2024 post-treatment data, where 4 is the cavity.
 
 Writes into --out: per_case.csv (case, subset, region, dice, hd95; the columns of the
-15-subset evaluation, subset = --subset), summary.json, table.md; with --lesion_wise also
-lesion_wise.csv (per case and region: lesion-wise Dice and HD95, lesions found, missed, false
-positives; mstkd_jax/lesionwise.py gives the definition). Dice and HD95 follow
-mstkd_jax/metrics.py (HD95 in mm from the reference's voxel size; --convention for empty
-regions, default brats).
+15-subset evaluation, subset = --subset), summary.json, table.md. Dice and HD95 follow
+mstkd_jax/metrics.py (HD95 as MedPy, in mm from the reference's voxel size; --convention for
+empty regions, default brats).
+
+Lesion-wise metrics of the BraTS challenges (--challenge picks the challenge's parameters):
+--lesion_wise=brats2023 (or --lesion_wise alone): the official BraTS 2023 script's lesion-wise
+Dice and HD95 (surface-distance's HD95) and lesion counts, in lesion_wise.csv
+(mstkd_jax/lesionwise.py). --lesion_wise=brats2025: the official brats-evaluation package
+(panoptica; pip install "mstkd-jax[brats]"): lesion-wise Dice, NSD, HD95, PQ and counts of
+matched instances in lesion_wise_brats2025.csv, with the package's own JSON and CSV
+(mstkd_jax/lesionwise_brats2025.py).
 """
 
 import csv
@@ -37,11 +43,13 @@ from absl import flags
 import nibabel as nib
 import numpy as np
 
-from mstkd_jax import cli, fileio, lesionwise, metrics, report
+from mstkd_jax import cli, fileio, lesionwise, lesionwise_brats2025, metrics, report
 from mstkd_jax.data import layouts
 from mstkd_jax.logging_utils import Progress
 
 LABEL_CHOICES = ('auto', 'brats2024', 'brats2021')
+# --lesion_wise: the BraTS 2023 script's definition or the BraTS 2025 package's.
+LESION_WISE_CHOICES = ('none', 'brats2023', 'brats2025')
 _SEG_SUFFIXES = ('_seg', '-seg')
 
 
@@ -210,11 +218,25 @@ def _check_geometry(pred, ref):
                                f'{ref.path} (another space or orientation?)')
 
 
+def lesion_definition(lesion_wise):
+  """None, 'brats2023' or 'brats2025' from a --lesion_wise value (True: 'brats2023')."""
+  if lesion_wise is True:
+    return 'brats2023'
+  if lesion_wise in (False, None, 'none'):
+    return None
+  if lesion_wise not in LESION_WISE_CHOICES:
+    raise EvaluationInputError(f'--lesion_wise must be one of {LESION_WISE_CHOICES}, got '
+                               f'{lesion_wise!r}')
+  return lesion_wise
+
+
 def score_case(pred_path, ref_path, labels='auto', convention='brats', lesion_wise=False,
-               challenge='BraTS-GLI', audit=None, case_id=None):
-  """({region: {dice, hd95}}, {region: LesionScores} or None) of one case; ``pred_path``
-  None: an empty segmentation. ``audit`` (a dict) collects, with 'auto', which convention
-  each file was read as: {'pred' | 'ref': {convention: [case ids]}}."""
+               challenge='BraTS-GLI', evaluator=None, case_id=None, audit=None):
+  """({region: {dice, hd95}}, lesion-wise result or None) of one case; ``pred_path`` None: an
+  empty segmentation. The lesion-wise result is {region: LesionScores} for brats2023, the
+  official result dict for brats2025 (``evaluator``: lesionwise_brats2025.load_evaluator).
+  ``audit`` (a dict) collects, with 'auto', which convention each file was read as:
+  {'pred' | 'ref': {convention: [case ids]}}."""
   ref = read_labels(ref_path)
   if pred_path is None:
     pred = LabelFile('(missing)', np.zeros_like(ref.labels), ref.affine, ref.spacing)
@@ -229,36 +251,73 @@ def score_case(pred_path, ref_path, labels='auto', convention='brats', lesion_wi
   scores = metrics.case_metrics(pred_regions, ref_regions, spacing=ref.spacing,
                                 convention=convention)
   lesions = None
-  if lesion_wise:
+  definition = lesion_definition(lesion_wise)
+  if definition == 'brats2023':
     dilation, min_volume = lesionwise.challenge_parameters(challenge)
     lesions = {r: lesionwise.lesion_wise(pred_regions[r], ref_regions[r], ref.spacing,
                                          dilation, min_volume) for r in metrics.REGIONS}
+  elif definition == 'brats2025':
+    lesions = lesionwise_brats2025.evaluate_case(
+        evaluator or lesionwise_brats2025.load_evaluator(challenge),
+        case_id or os.path.basename(ref_path), pred_regions, ref_regions, ref.affine,
+        ref.spacing)
   return scores, lesions
 
 
+# lesion_wise.csv (brats2023); brats2025 writes lesionwise_brats2025.COLUMNS.
 LESION_COLUMNS = ('case', 'region', 'lesion_dice', 'lesion_hd95', 'num_tp', 'num_fn', 'num_fp')
+LESION_FILES = {'brats2023': 'lesion_wise.csv', 'brats2025': 'lesion_wise_brats2025.csv'}
+# The lesion-wise metrics summarised per region (mean, sd, median; counts summed).
+LESION_METRICS = {'brats2023': ('dice', 'hd95'), 'brats2025': ('dice', 'nsd', 'hd95', 'pq')}
 
 
-def _mean_sd(values):
+def _mean_sd(values, skip_nan=False):
+  """Mean, sample standard deviation and median; ``skip_nan``: of the values that are not NaN
+  (as the official BraTS 2025 parser's mean row), with their number as 'cases'."""
   values = np.asarray(values, np.float64)
-  return {'mean': float(values.mean()), 'sd': float(values.std(ddof=1)) if len(values) > 1
-          else 0.0, 'median': float(np.median(values))}
+  if skip_nan:
+    values = values[~np.isnan(values)]
+    if not len(values):
+      return {'mean': float('nan'), 'sd': float('nan'), 'median': float('nan'), 'cases': 0}
+  with np.errstate(invalid='ignore'):      # inf - inf in the deviation of an inf HD95
+    stats = {'mean': float(values.mean()), 'sd': float(values.std(ddof=1)) if len(values) > 1
+             else 0.0, 'median': float(np.median(values))}
+  if skip_nan:
+    stats['cases'] = int(len(values))
+  return stats
 
 
-def summarize(rows, lesion_rows, convention, subset):
+def _lesion_summary(lesion_rows, definition):
+  out = {}
+  for r in metrics.REGIONS:
+    mine = [x for x in lesion_rows if x['region'] == r]
+    out[r] = {m: _mean_sd([x[f'lesion_{m}' if m != 'pq' else m] for x in mine],
+                          skip_nan=definition == 'brats2025')
+              for m in LESION_METRICS[definition]}
+    out[r].update({k: int(np.nansum([x[k] for x in mine])) for k in ('num_tp', 'num_fn',
+                                                                      'num_fp')})
+  return out
+
+
+def summarize(rows, lesion_rows, convention, subset, lesion_wise='brats2023'):
   summary = report.summarize(rows, convention)
   summary['subset'] = subset
   summary['regions'] = {
       r: {m: _mean_sd([row[m] for row in rows if row['region'] == r]) for m in ('dice', 'hd95')}
       for r in metrics.REGIONS}
-  if lesion_rows:
-    summary['lesion_wise'] = {
-        r: {'dice': _mean_sd([x['lesion_dice'] for x in lesion_rows if x['region'] == r]),
-            'hd95': _mean_sd([x['lesion_hd95'] for x in lesion_rows if x['region'] == r]),
-            **{k: int(sum(x[k] for x in lesion_rows if x['region'] == r))
-               for k in ('num_tp', 'num_fn', 'num_fp')}}
-        for r in metrics.REGIONS}
+  definition = lesion_definition(lesion_wise)
+  if lesion_rows and definition:
+    summary['lesion_wise_definition'] = definition
+    summary['lesion_wise'] = _lesion_summary(lesion_rows, definition)
   return summary
+
+
+_LESION_HEADS = {'dice': 'Lesion-wise Dice (%)', 'hd95': 'Lesion-wise HD95 (mm)',
+                 'nsd': 'Lesion-wise NSD (%)', 'pq': 'PQ (%)'}
+_LESION_NOTES = {
+    'brats2023': 'Lesion-wise: the official BraTS 2023 definition (HD95 of surface-distance).',
+    'brats2025': ('Lesion-wise: the official BraTS 2025 package (brats-evaluation on panoptica);'
+                  ' means over the cases where a value is defined.')}
 
 
 def markdown(summary, title):
@@ -266,11 +325,17 @@ def markdown(summary, title):
            f"{summary['num_cases']} cases; mean +- standard deviation (median) over cases. "
            f"HD95 convention: {summary['hd95_convention_note']}.", '']
   lesion = summary.get('lesion_wise')
+  definition = summary.get('lesion_wise_definition', 'brats2023')
   head = '| Region | Dice (%) | HD95 (mm) |'
   rule = '|---|---:|---:|'
   if lesion:
-    head += ' Lesion-wise Dice (%) | Lesion-wise HD95 (mm) | Lesions found / missed / false |'
-    rule += '---:|---:|---:|'
+    lines[-1:-1] = [_LESION_NOTES[definition]]
+    for m in LESION_METRICS[definition]:
+      head += f' {_LESION_HEADS[m]} |'
+      rule += '---:|'
+    head += (' Lesions found / missed / false |' if definition == 'brats2023'
+             else ' Instances matched / missed / false |')
+    rule += '---:|'
   lines += [head, rule]
 
   def cell(stats, scale):
@@ -282,21 +347,35 @@ def markdown(summary, title):
     line = f"| {r} | {cell(stats['dice'], 100)} | {cell(stats['hd95'], 1)} |"
     if lesion:
       lw = lesion[r]
-      line += (f" {cell(lw['dice'], 100)} | {cell(lw['hd95'], 1)} | "
-               f"{lw['num_tp']} / {lw['num_fn']} / {lw['num_fp']} |")
+      for m in LESION_METRICS[definition]:
+        line += f" {cell(lw[m], 1 if m == 'hd95' else 100)} |"
+      line += f" {lw['num_tp']} / {lw['num_fn']} / {lw['num_fp']} |"
     lines.append(line)
   return '\n'.join(lines) + '\n'
+
+
+def _lesion_evaluator(definition, challenge, log):
+  """Checks --challenge for the definition; the official evaluator for brats2025."""
+  if definition == 'brats2023':
+    lesionwise.challenge_parameters(challenge)
+  elif definition == 'brats2025':
+    evaluator = lesionwise_brats2025.load_evaluator(challenge)
+    log(f'lesion-wise metrics: {lesionwise_brats2025.versions()} (please cite panoptica: '
+        'https://github.com/BrainLesion/panoptica#citation)')
+    return evaluator
+  return None
 
 
 def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats',
                     lesion_wise=False, challenge='BraTS-GLI', subset='prediction', log=print,
                     missing='error'):
-  """Scores every reference case; writes per_case.csv, summary.json, table.md (and
-  lesion_wise.csv) into ``out_dir``; returns the summary."""
+  """Scores every reference case; writes per_case.csv, summary.json, table.md (and the
+  lesion-wise files of ``lesion_wise``: False / 'none', True / 'brats2023', 'brats2025') into
+  ``out_dir``; returns the summary."""
   if labels not in LABEL_CHOICES:
     raise EvaluationInputError(f'--labels must be one of {LABEL_CHOICES}, got {labels!r}')
-  if lesion_wise:
-    lesionwise.challenge_parameters(challenge)
+  definition = lesion_definition(lesion_wise)
+  evaluator = _lesion_evaluator(definition, challenge, log)
   if missing not in MISSING_CHOICES:
     raise EvaluationInputError(f'--missing must be one of {MISSING_CHOICES}, got {missing!r}')
   pairs, extra = pair_cases(find_predictions(pred_dir), find_references(ref_dir), missing)
@@ -307,26 +386,31 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
   if extra:
     log(f'{len(extra)} prediction(s) without a reference, not scored: {", ".join(extra[:5])}'
         + (' ...' if len(extra) > 5 else ''))
-  rows, lesion_rows = [], []
+  rows, lesion_rows, official = [], [], []
   audit = {}
   bar = Progress(len(pairs), 'evaluate', log_lines=False)
   lines = not sys.stderr.isatty()
   for case_id, pred_path, ref_path in pairs:
     started = time.time()
-    scores, lesions = score_case(pred_path, ref_path, labels, convention, lesion_wise,
-                                 challenge, audit=audit, case_id=case_id)
+    scores, lesions = score_case(pred_path, ref_path, labels, convention, definition,
+                                 challenge, evaluator, case_id, audit=audit)
     rows += report.metric_rows(case_id, subset, scores)
-    for region, s in (lesions or {}).items():
-      lesion_rows.append({'case': case_id, 'region': region, 'lesion_dice': s.dice,
-                          'lesion_hd95': s.hd95, 'num_tp': s.num_tp, 'num_fn': s.num_fn,
-                          'num_fp': s.num_fp})
+    if definition == 'brats2023':
+      lesion_rows += [{'case': case_id, 'region': region, 'lesion_dice': s.dice,
+                       'lesion_hd95': s.hd95, 'num_tp': s.num_tp, 'num_fn': s.num_fn,
+                       'num_fp': s.num_fp} for region, s in lesions.items()]
+    elif definition == 'brats2025':
+      official.append(lesions)
     if lines:
       dice = '/'.join(f"{scores[r]['dice'] * 100:.1f}" for r in metrics.REGIONS)
       print(f'{case_id}: Dice WT/TC/ET {dice} % ({time.time() - started:.1f} s)',
             file=sys.stderr, flush=True)
     bar.update()
   bar.close()
-  summary = summarize(rows, lesion_rows, convention, subset)
+  os.makedirs(out_dir, exist_ok=True)
+  if definition == 'brats2025':
+    lesion_rows = lesionwise_brats2025.write_official(official, challenge, out_dir)
+  summary = summarize(rows, lesion_rows, convention, subset, definition)
   if labels == 'auto':
     summary['label_conventions_read'] = {
         folder: {str(conv or 'either'): len(ids) for conv, ids in found.items()}
@@ -336,11 +420,11 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
       log(line)
   else:
     summary['label_conventions_read'] = {'pred': labels, 'ref': labels}
-  os.makedirs(out_dir, exist_ok=True)
   report.write_per_case_csv(rows, os.path.join(out_dir, 'per_case.csv'))
   if lesion_rows:
-    with open(os.path.join(out_dir, 'lesion_wise.csv'), 'w', newline='') as f:
-      writer = csv.DictWriter(f, LESION_COLUMNS)
+    columns = LESION_COLUMNS if definition == 'brats2023' else lesionwise_brats2025.COLUMNS
+    with open(os.path.join(out_dir, LESION_FILES[definition]), 'w', newline='') as f:
+      writer = csv.DictWriter(f, columns)
       writer.writeheader()
       writer.writerows(lesion_rows)
   fileio.write_json_atomic(os.path.join(out_dir, 'summary.json'), summary, indent=2)
@@ -364,10 +448,13 @@ flags.DEFINE_enum('labels', 'auto', LABEL_CHOICES, 'Label convention of both fol
                   flag_values=_FV)
 flags.DEFINE_enum('convention', 'brats', metrics.CONVENTIONS,
                   'Dice / HD95 of a region empty in one of the two masks.', flag_values=_FV)
-flags.DEFINE_bool('lesion_wise', False, 'Also the BraTS 2023+ lesion-wise Dice and HD95.',
-                  flag_values=_FV)
+flags.DEFINE_enum('lesion_wise', 'none', LESION_WISE_CHOICES, 'Also the lesion-wise metrics of '
+                  'the BraTS challenges: brats2023 (the official 2023 script; --lesion_wise '
+                  'alone), brats2025 (the official brats-evaluation package on panoptica: pip '
+                  'install "mstkd-jax[brats]"), or none.', flag_values=_FV)
 flags.DEFINE_enum('challenge', 'BraTS-GLI', sorted(lesionwise.CHALLENGES),
-                  'Lesion-wise parameters (dilation, minimum lesion volume) of this challenge.',
+                  'Lesion-wise parameters of this challenge (brats2023: dilation and minimum '
+                  'lesion volume; brats2025: the official config, not for BraTS-PED).',
                   flag_values=_FV)
 flags.DEFINE_enum('missing', 'error', MISSING_CHOICES, 'A reference case without a '
                   'prediction: an error, left out (skip), or scored as an empty segmentation.',
@@ -377,9 +464,28 @@ flags.DEFINE_string('subset', 'prediction', 'Name of the modality subset the pre
                     flag_values=_FV)
 
 
+def lesion_wise_argv(argv):
+  """``--lesion_wise`` without a value means brats2023 (it was a switch before it took one),
+  ``--lesion_wise VALUE`` is ``--lesion_wise=VALUE``, ``--nolesion_wise`` is none."""
+  argv, out = cli.underscore_flags(list(argv)), []
+  index = 0
+  while index < len(argv):
+    arg = argv[index]
+    if arg == '--lesion_wise':
+      following = argv[index + 1] if index + 1 < len(argv) else None
+      value = following if following in LESION_WISE_CHOICES else 'brats2023'
+      index += following == value
+      arg = f'--lesion_wise={value}'
+    elif arg == '--nolesion_wise':
+      arg = '--lesion_wise=none'
+    out.append(arg)
+    index += 1
+  return out
+
+
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  f = COMMAND.parse_flags_only(argv)
+  f = COMMAND.parse_flags_only(lesion_wise_argv(sys.argv[1:] if argv is None else argv))
   out = f.out or os.path.join(f.pred, 'evaluation')
   try:
     summary = evaluate_folder(f.pred, f.ref, out, labels=f.labels, convention=f.convention,
@@ -390,8 +496,10 @@ def main(argv=None):
       raise
     cli.fail(cli.one_line(e))
   sys.stdout.write(markdown(summary, f'{f.pred} against {f.ref}'))
-  print(f'written: {out}/per_case.csv, summary.json, table.md'
-        + (', lesion_wise.csv' if f.lesion_wise else ''))
+  extra = {'brats2023': [LESION_FILES['brats2023']],
+           'brats2025': [LESION_FILES['brats2025'], lesionwise_brats2025.JSON_NAME,
+                         lesionwise_brats2025.OFFICIAL_CSV_NAME]}.get(f.lesion_wise, [])
+  print(f'written: {out}/per_case.csv, summary.json, table.md' + ''.join(f', {x}' for x in extra))
   return 0
 
 

@@ -1,8 +1,9 @@
-"""BraTS 2023+ lesion-wise Dice and HD95 of one region (WT, TC or ET) of one case.
+"""BraTS 2023 lesion-wise Dice and HD95 of one region (WT, TC or ET) of one case.
 
 The challenges since 2023 rank by scores per lesion rather than per image, so that missing a
-small lesion costs as much as missing a large one. The definition (Saluja et al., the
-BraTS-2023-Metrics evaluation; written here from its description, in NumPy/SciPy):
+small lesion costs as much as missing a large one. This module reproduces the official BraTS
+2023 evaluation (https://github.com/rachitsaluja/BraTS-2023-Metrics, ``metrics.py``; written
+here from its definition, in NumPy/SciPy):
 
 1. Lesions of the reference: connected components (26-connectivity) of the region mask.
    Components that touch after dilating the reference ``dilation`` times with the
@@ -19,18 +20,25 @@ BraTS-2023-Metrics evaluation; written here from its description, in NumPy/SciPy
    With no kept lesion and no false positive: Dice 1, HD95 0.
 
 Challenge parameters (dilation, minimum volume in mm^3): BraTS-GLI, -SSA, -PED (3, 50);
-BraTS-MEN (1, 50); BraTS-MET (1, 2). HD95 per lesion is ``metrics.hd95`` with
-``mode='max'`` (the larger of the two directed 95th percentiles, as the challenge's
-surface-distance package; it weights surface points by area, we count voxels, which can move a
-lesion's HD95 by a fraction of a voxel).
+BraTS-MEN (1, 50); BraTS-MET (1, 2).
+
+A lesion's HD95 is the official one (``surfel_hd95``): DeepMind's surface-distance package
+(https://github.com/google-deepmind/surface-distance), which the official script calls. Its
+surface is made of surface elements at the voxel corners, each weighted by its area, and the
+95th percentile is a distance of one of them (no interpolation). It is not the MedPy HD95 of
+``metrics.hd95`` (surface voxels counted alike, percentile interpolated), which is what the
+whole-region ``hd95`` of the evaluation reports; the two differ by a fraction of a voxel to a
+few millimetres.
 """
 
 import dataclasses
+import warnings
 
 import numpy as np
 from scipy import ndimage
+import surface_distance
 
-from mstkd_jax.metrics import bounding_slices, hd95
+from mstkd_jax.metrics import bounding_slices
 
 # The challenge's HD95 for a missed lesion or a false positive.
 MISS_HD95 = 374.0
@@ -44,7 +52,7 @@ _DILATION = ndimage.generate_binary_structure(3, 2)        # 18-connected struct
 @dataclasses.dataclass
 class LesionScores:
   dice: float            # lesion-wise Dice in [0, 1]
-  hd95: float            # lesion-wise HD95 in mm
+  hd95: float            # lesion-wise HD95 in mm (surface-distance's definition)
   num_tp: int            # kept reference lesions with at least one matching prediction
   num_fn: int            # kept reference lesions without one
   num_fp: int            # predicted components matching no reference lesion
@@ -55,6 +63,24 @@ def challenge_parameters(name):
   if name not in CHALLENGES:
     raise ValueError(f'unknown challenge {name!r}; use one of {sorted(CHALLENGES)}')
   return CHALLENGES[name]
+
+
+def surfel_hd95(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0)):
+  """HD95 in mm as the official BraTS 2023 script computes it: surface-distance's
+  ``compute_robust_hausdorff(compute_surface_distances(true, pred, spacing), 95)``, the larger
+  of the two directed 95th percentiles, each weighted by surface-element area. Both masks must
+  be non-empty (the package's empty-mask branch uses ``np.Inf``, gone in NumPy 2)."""
+  pred = np.asarray(pred_mask, bool)
+  true = np.asarray(true_mask, bool)
+  if not (pred.any() and true.any()):
+    raise ValueError('surfel_hd95 needs two non-empty masks')
+  spacing = [float(s) for s in np.broadcast_to(np.asarray(spacing, float), (3,))]
+  with warnings.catch_warnings():
+    # It reaches correlate / distance_transform_edt through SciPy's deprecated
+    # ndimage.filters / ndimage.morphology namespaces.
+    warnings.simplefilter('ignore', DeprecationWarning)
+    distances = surface_distance.compute_surface_distances(true, pred, spacing)
+    return float(surface_distance.compute_robust_hausdorff(distances, 95))
 
 
 def reference_lesions(true, dilation):
@@ -69,6 +95,14 @@ def reference_lesions(true, dilation):
   return np.where(components > 0, groups, 0), count
 
 
+def _volume(voxels, spacing):
+  """Volume in mm^3, multiplied in the official script's order (count * sx * sy * sz)."""
+  volume = float(voxels)
+  for size in spacing:
+    volume *= size
+  return volume
+
+
 def lesion_wise(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0), dilation=3, min_volume=50.0):
   """Lesion-wise scores of one region (module docstring); masks are boolean 3D arrays of one
   shape, ``spacing`` the voxel size in mm."""
@@ -76,7 +110,7 @@ def lesion_wise(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0), dilation=3, min_v
   true = np.asarray(true_mask, bool)
   if pred.shape != true.shape or pred.ndim != 3:
     raise ValueError(f'need two 3D masks of one shape, got {pred.shape} and {true.shape}')
-  voxel_volume = float(np.prod(np.broadcast_to(np.asarray(spacing, float), (3,))))
+  spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (3,)))
   if not (pred.any() or true.any()):
     return LesionScores(1.0, 0.0, 0, 0, 0, [])
   # The same result on the box around both masks grown by dilation + 1 (every dilation stays
@@ -95,7 +129,7 @@ def lesion_wise(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0), dilation=3, min_v
             if dilation > 0 else lesion)
     hits = np.unique(predicted[zone & (predicted > 0)])
     matched.update(int(h) for h in hits)
-    volume = float(np.count_nonzero(lesion)) * voxel_volume
+    volume = _volume(np.count_nonzero(lesion), spacing)
     if volume <= min_volume:
       continue
     if len(hits):
@@ -103,7 +137,7 @@ def lesion_wise(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0), dilation=3, min_v
       num_tp += 1
       score = (2.0 * np.count_nonzero(union & lesion)
                / (np.count_nonzero(union) + np.count_nonzero(lesion)),
-               hd95(union, lesion, spacing=spacing, mode='max'))
+               surfel_hd95(union, lesion, spacing))
     else:
       num_fn += 1
       score = (0.0, MISS_HD95)

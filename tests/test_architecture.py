@@ -1,7 +1,8 @@
 """The layers of docs/architecture.md hold: no module imports a layer above its own.
 
   faces        main, run, predict, visualize, convert_torch, data.prepare, evaluate_folder
-  train | eval train, step | evaluate, metrics, lesionwise, report, export   (side by side)
+  train | eval train, step | evaluate, metrics, lesionwise(_brats2025), report, export,
+               model_facts
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
                (logging_utils, fileio, host_memory, cli)
@@ -17,7 +18,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
          'evaluate_folder'}
 TRAIN = {'train', 'step'}
-EVAL = {'evaluate', 'metrics', 'lesionwise', 'report', 'export'}
+EVAL = {'evaluate', 'metrics', 'lesionwise', 'lesionwise_brats2025', 'report', 'export',
+        'model_facts'}
 SERVICES = {'models.build', 'checkpoint', 'parallel'}
 
 

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mstkd_jax import evaluate_folder, lesionwise
+from mstkd_jax import evaluate_folder, lesionwise, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,6 +80,86 @@ def test_lesion_wise_empty_cases_and_spacing():
   assert (small.num_fn, small.dice, small.hd95) == (0, 1.0, 0.0)
   with pytest.raises(ValueError, match='unknown challenge'):
     lesionwise.challenge_parameters('BraTS-XYZ')
+
+
+def test_lesion_hd95_is_the_surface_element_percentile_of_the_official_script():
+  """Reference: two voxels in a row; prediction: the first. The official HD95
+  (surface-distance) works on the corner points of the voxels: the reference's 12 corners are
+  at distance 0 from the prediction's surface except the 4 of its far end, at 1 voxel, which
+  hold more than 5 % of the surface area, so its HD95 is 1 voxel, a distance that occurs (no
+  interpolation). MedPy's voxel HD95 interpolates between the voxels' distances 0, 0, 1: 0.9.
+  At 4 mm voxels the lesion (128 mm^3) counts: Dice 2/3, HD95 4 mm."""
+  true = np.zeros((8, 8, 8), bool)
+  true[2:4, 3, 3] = True
+  pred = np.zeros_like(true)
+  pred[2, 3, 3] = True
+  assert lesionwise.surfel_hd95(pred, true) == 1.0
+  assert metrics.hd95(pred, true) == pytest.approx(0.9)
+  s = lesionwise.lesion_wise(pred, true, spacing=4.0)
+  assert (s.num_tp, s.num_fn, s.num_fp) == (1, 0, 0)
+  assert (s.dice, s.hd95) == (pytest.approx(2 / 3), 4.0)
+  # The spacing goes with its axis: the same pair along the third axis, 8 mm there.
+  along_z = lesionwise.lesion_wise(np.moveaxis(pred, 0, 2), np.moveaxis(true, 0, 2),
+                                   spacing=(4.0, 4.0, 8.0))
+  assert along_z.hd95 == 8.0
+  with pytest.raises(ValueError, match='non-empty'):
+    lesionwise.surfel_hd95(pred & False, true)
+
+
+def test_lesion_wise_csv_and_per_case_csv_say_which_hd95(tmp_path):
+  """per_case.csv's hd95 is MedPy's (0.9 voxel for the pair above), lesion_wise.csv's
+  lesion_hd95 the official 2023 one (1 voxel), at 4 mm voxels."""
+  seg = np.zeros((8, 8, 8), np.uint8)
+  seg[2:4, 3, 3] = 3
+  pred = np.zeros_like(seg)
+  pred[2, 3, 3] = 3
+  _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg, zooms=(4, 4, 4))
+  _write(str(tmp_path / 'pred' / 'A.nii.gz'), pred, zooms=(4, 4, 4))
+  summary = evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                            str(tmp_path / 'out'), labels='brats2024',
+                                            lesion_wise='brats2023', log=lambda *_: None)
+  with open(tmp_path / 'out' / 'per_case.csv') as f:
+    assert [float(r['hd95']) for r in csv.DictReader(f)] == pytest.approx([3.6] * 3)
+  with open(tmp_path / 'out' / 'lesion_wise.csv') as f:
+    assert {float(r['lesion_hd95']) for r in csv.DictReader(f)} == {4.0}
+  assert summary['lesion_wise_definition'] == 'brats2023'
+  assert 'BraTS 2023' in (tmp_path / 'out' / 'table.md').read_text()
+
+
+def test_lesion_wise_values_and_the_bare_flag():
+  assert evaluate_folder.lesion_definition(True) == 'brats2023'
+  assert evaluate_folder.lesion_definition(False) is None
+  assert evaluate_folder.lesion_definition('none') is None
+  assert evaluate_folder.lesion_definition('brats2025') == 'brats2025'
+  with pytest.raises(evaluate_folder.EvaluationInputError, match='--lesion_wise must be one'):
+    evaluate_folder.lesion_definition('brats2024')
+  argv = evaluate_folder.lesion_wise_argv
+  assert argv(['--lesion-wise', '--pred', 'p']) == ['--lesion_wise=brats2023', '--pred', 'p']
+  assert argv(['--lesion_wise']) == ['--lesion_wise=brats2023']
+  assert argv(['--lesion_wise', 'brats2025', '--ref', 'r']) == ['--lesion_wise=brats2025',
+                                                                '--ref', 'r']
+  assert argv(['--lesion_wise=brats2025']) == ['--lesion_wise=brats2025']
+  assert argv(['--nolesion_wise']) == ['--lesion_wise=none']
+
+
+def test_brats2025_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+  """Without brats-evaluation (an import that fails), one line naming the extra; BraTS-PED has
+  no config of the glioma labels, whether or not the package is installed."""
+  from mstkd_jax import lesionwise_brats2025
+  seg = _reference_case()
+  _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg)
+  _write(str(tmp_path / 'pred' / 'A.nii.gz'), seg)
+  monkeypatch.setitem(sys.modules, 'brats_evaluation', None)
+  with pytest.raises(lesionwise_brats2025.MissingExtraError,
+                     match=r'pip install "mstkd-jax\[brats\]"'):
+    evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                    str(tmp_path / 'out'), lesion_wise='brats2025',
+                                    log=lambda *_: None)
+  assert not (tmp_path / 'out').exists()
+  with pytest.raises(ValueError, match='no official config for .BraTS-PED'):
+    evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
+                                    str(tmp_path / 'out'), lesion_wise='brats2025',
+                                    challenge='BraTS-PED', log=lambda *_: None)
 
 
 # ---- the command ----
@@ -190,6 +270,25 @@ def test_evaluate_folder_command(tmp_path):
   assert 'Traceback' not in proc.stderr
   proc = _run(['--help'])
   assert proc.returncode == 0 and '--lesion_wise' in proc.stdout and '``' not in proc.stdout
+  proc = _run(['--pred', str(tmp_path / 'pred'), '--ref', str(tmp_path / 'ref'),
+               '--lesion_wise=brats2024'])
+  assert proc.returncode == 2 and 'brats2023' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_evaluate_folder_command_brats2025_without_the_package(tmp_path):
+  try:
+    import brats_evaluation  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip('brats-evaluation is installed')
+  except ImportError:
+    pass
+  seg = _reference_case()
+  _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg)
+  _write(str(tmp_path / 'pred' / 'A.nii.gz'), seg)
+  proc = _run(['--pred', str(tmp_path / 'pred'), '--ref', str(tmp_path / 'ref'),
+               '--lesion_wise', 'brats2025'])
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: --lesion_wise=brats2025 needs') and '"mstkd-jax[brats]"' in last
 
 
 def test_labels_auto_reports_a_folder_that_mixes_conventions(tmp_path):
