@@ -125,7 +125,8 @@ def pair_cases(predictions, references, missing_policy='error'):
     shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more' if len(missing) > 5 else '')
     raise EvaluationInputError(f'no prediction for {len(missing)} of {len(references)} '
                                f'reference case(s): {shown} (expected <case id>.nii.gz in '
-                               '--pred)')
+                               '--pred); --missing=skip scores only the predicted cases, '
+                               '--missing=empty scores the others as empty')
   if not references:
     raise EvaluationInputError('no prediction matches a reference case (expected '
                                '<case id>.nii.gz in --pred)')
@@ -224,8 +225,12 @@ def summarize(rows, lesion_rows, convention, subset):
 
 
 def markdown(summary, title):
+  left_out = summary.get('references_left_out', ())
   lines = [f'### {title}', '',
-           f"{summary['num_cases']} cases; mean +- standard deviation (median) over cases. "
+           f"{summary['num_cases']} cases"
+           + (f" ({len(left_out)} reference case(s) without a prediction left out)"
+              if left_out else '')
+           + "; mean +- standard deviation (median) over cases. "
            f"HD95 convention: {summary['hd95_convention_note']}.", '']
   lesion = summary.get('lesion_wise')
   head = '| Region | Dice (%) | HD95 (mm) |'
@@ -261,7 +266,12 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
     lesionwise.challenge_parameters(challenge)
   if missing not in MISSING_CHOICES:
     raise EvaluationInputError(f'--missing must be one of {MISSING_CHOICES}, got {missing!r}')
-  pairs, extra = pair_cases(find_predictions(pred_dir), find_references(ref_dir), missing)
+  predictions, references = find_predictions(pred_dir), find_references(ref_dir)
+  pairs, extra = pair_cases(predictions, references, missing)
+  left_out = sorted(set(references) - set(predictions)) if missing == 'skip' else []
+  if left_out:
+    log(f'{len(left_out)} of {len(references)} reference case(s) without a prediction left '
+        f'out (--missing=skip): {", ".join(left_out[:5])}' + (' ...' if len(left_out) > 5 else ''))
   absent = [c for c, p, _ in pairs if p is None]
   if absent:
     log(f'{len(absent)} case(s) without a prediction scored as empty: {", ".join(absent[:5])}'
@@ -288,6 +298,8 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
     bar.update()
   bar.close()
   summary = summarize(rows, lesion_rows, convention, subset)
+  if left_out:
+    summary['references_left_out'] = left_out
   os.makedirs(out_dir, exist_ok=True)
   report.write_per_case_csv(rows, os.path.join(out_dir, 'per_case.csv'))
   if lesion_rows:

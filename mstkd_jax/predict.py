@@ -192,7 +192,8 @@ def _check_paths(paths):
 
 def check_out(out, folder=False):
   """The output must be a .nii / .nii.gz file (or, with ``folder``, a folder), never an
-  existing folder where a file is wanted."""
+  existing folder where a file is wanted. A file's missing folder is created, as ``folder``
+  mode creates its folder."""
   if folder:
     if os.path.exists(out) and not os.path.isdir(out):
       raise PredictionError(f'--out {out} exists and is not a folder (--input_dir writes one '
@@ -204,8 +205,11 @@ def check_out(out, folder=False):
     raise PredictionError(f'--out {out}: the segmentation is written as NIfTI; give a name '
                           'ending in .nii.gz or .nii')
   parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise PredictionError(f'--out {out}: the folder {parent} does not exist')
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise PredictionError(f'--out {out}: cannot create the folder {parent}: '
+                          f'{e.strerror or e}') from e
 
 
 def predict_files(model: Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,

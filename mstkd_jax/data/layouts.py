@@ -98,9 +98,9 @@ class Problem:
 class BadCaseError(InputError, ValueError):
   """A case that cannot be used; carries every problem found (case, file, message)."""
 
-  def __init__(self, problems):
+  def __init__(self, problems, hint=''):
     self.problems = list(problems)
-    super().__init__('; '.join(str(p) for p in self.problems))
+    super().__init__('; '.join(str(p) for p in self.problems) + (f' ({hint})' if hint else ''))
 
   @property
   def case(self):
