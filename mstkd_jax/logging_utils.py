@@ -75,9 +75,20 @@ class _LogAboveBars:
   @classmethod
   def start(cls):
     cls._open_bars += 1
-    if cls._open_bars == 1:
+    root = py_logging.getLogger()
+    if not root.handlers:
+      # What absl.logging does on its first record outside absl's app.run: done now, so that
+      # the handler exists to be covered.
+      py_logging.basicConfig()
+    cls.cover()
+
+  @classmethod
+  def cover(cls):
+    """Covers the root logger's handlers not covered yet (one added while a bar is open)."""
+    if cls._open_bars:
       for handler in py_logging.getLogger().handlers:
-        handler.handle = cls._wrap(handler.handle)   # an instance attribute, removed in stop
+        if not getattr(handler.handle, 'above_bars', False):
+          handler.handle = cls._wrap(handler.handle)   # an instance attribute, removed in stop
 
   @classmethod
   def stop(cls):
@@ -119,6 +130,7 @@ class Progress:
   def update_to(self, done):
     step, self.done = done - self.done, int(done)
     if self._bar is not None:
+      _LogAboveBars.cover()
       self._bar.update(step)
       return
     if not (self.enabled and self.log_lines):

@@ -74,6 +74,7 @@ def test_a_bad_case_stops_training_with_one_line_naming_the_file(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   line = _one_error_line(proc)
   assert case in line and f'{case}_flair.nii.gz' in line
+  assert line.endswith('(1 of 4 cases unusable; --config.data.on_bad_case=skip leaves them out)')
   assert not workdir.exists()
 
 
@@ -254,3 +255,78 @@ def test_reading_a_checkpoint_logs_no_read_only_warning(tmp_path, caplog):
   assert not [r for r in caplog.records if 'read only' in r.getMessage()]
   # The filter is gone afterwards: other warnings of Orbax still pass.
   assert not py_logging.getLogger('absl').filters
+
+
+_BAR_AND_LOG = r'''
+import sys
+from absl import flags, logging
+from mstkd_jax.logging_utils import Progress
+if sys.argv[1] == 'absl':         # what absl's app.run does
+  flags.FLAGS(sys.argv[:1])
+  logging.use_absl_handler()
+logging.set_verbosity(logging.INFO)
+bar = Progress(4, 'work', log_lines=False)
+bar.update(1)
+logging.info('MESSAGE-IN-THE-MIDDLE')
+bar.update(3)
+bar.close()
+'''
+
+
+@pytest.mark.parametrize('handler', ['python', 'absl'])
+def test_log_lines_are_written_above_a_progress_bar(handler):
+  """On a terminal (a pseudo-terminal here) a log line never continues the bar's line."""
+  import fcntl
+  import pty
+  import struct
+  import termios
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+  proc = subprocess.Popen([sys.executable, '-c', _BAR_AND_LOG, handler], stdin=slave,
+                          stdout=slave, stderr=slave, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  os.close(slave)
+  out = b''
+  while True:
+    try:
+      chunk = os.read(master, 4096)
+    except OSError:   # the child closed the terminal
+      break
+    if not chunk:
+      break
+    out += chunk
+  os.close(master)
+  assert proc.wait(timeout=60) == 0
+  text = out.decode(errors='replace')
+  assert '%|' in text, text                       # the bar was drawn
+  line = re.split(r'[\r\n]', text.split('MESSAGE-IN-THE-MIDDLE')[0])[-1]
+  assert '%|' not in line and '/4' not in line, text
+
+
+def test_data_check_writes_no_carriage_returns_into_a_log(tmp_path):
+  root = synthetic.generate_dataset(str(tmp_path / 'data'), 2, (24, 24, 16), 'brats2021',
+                                    seed=1, progress=False)
+  proc = _run(['mstkd_jax.data.check', '--root', root])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '2 cases' in proc.stdout
+  assert '\r' not in proc.stderr + proc.stdout
+
+
+def test_evaluate_folder_names_missing_skip_and_counts_what_it_leaves_out(tmp_path):
+  seg = np.zeros((16, 16, 16), np.uint8)
+  seg[4:10, 4:10, 4:10] = 2
+  (tmp_path / 'ref').mkdir()
+  (tmp_path / 'pred').mkdir()
+  for name in ('ref/A', 'ref/B', 'ref/C', 'pred/A'):
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), str(tmp_path / f'{name}.nii.gz'))
+  args = ['mstkd_jax.evaluate_folder', '--pred', str(tmp_path / 'pred'), '--ref',
+          str(tmp_path / 'ref'), '--out', str(tmp_path / 'out')]
+  proc = _run(args)
+  assert proc.returncode == 2
+  line = _one_error_line(proc)
+  assert 'no prediction for 2 of 3' in line and '--missing=skip' in line
+  proc = _run(args + ['--missing=skip'])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '1 cases (2 reference case(s) without a prediction left out)' in proc.stdout
+  with open(tmp_path / 'out' / 'summary.json') as f:
+    assert json.load(f)['references_left_out'] == ['B', 'C']
