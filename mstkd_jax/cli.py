@@ -72,7 +72,7 @@ _CONFIG_FLAGS = set()   # names of the config flags defined by define_config_fla
 def define_config_flag(name='config', default=None, help_string=None):
   """``--config``: a packaged config by name (``brats:tiny``, see ``mstkd_jax.configs``) or a
   Python file (``configs/brats.py:tiny``), with ``--config.<field>=value`` overrides."""
-  help_string = help_string or ('A config: ' + configs.SPEC_HELP + '. Fields are overridden '
+  help_string = help_string or ('A config: ' + configs.CONFIG_HELP + '. Fields are overridden '
                                 'with --config.<field>=value, e.g. --config.train.epochs=10.')
   holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
   _CONFIG_FLAGS.add(name)
@@ -227,11 +227,11 @@ def describe_config_error(error):
   while (root.__cause__ or root.__context__) is not None:
     root = root.__cause__ or root.__context__
   if isinstance(root, OSError) and root.filename:
-    return f'cannot load {root.filename}: {root.strerror}; {configs.SPEC_HELP}'
+    return f'cannot load {root.filename}: {root.strerror}; {configs.CONFIG_HELP}'
   text = one_line(error).replace("''", "'")
   missing = re.search(r"\[Errno \d+\] ([^:]+): '([^']+)", text)
   if missing:
-    return f'cannot load {missing.group(2)}: {missing.group(1)}; {configs.SPEC_HELP}'
+    return f'cannot load {missing.group(2)}: {missing.group(1)}; {configs.CONFIG_HELP}'
   if 'Traceback (most recent call last)' in text:
     # The config file raised: keep its own message (the text after the last "Error: ").
     text = re.split(r'\b\w*(?:Error|Exception): ', text)[-1]

@@ -20,7 +20,7 @@ depends on ``config.data.input_shape`` (120 tokens at 160x192x128): weights trai
 size need ``--config.data.input_shape=...``. ``.pth`` files are read with
 ``torch.load(weights_only=True)``; ``--allow_pickle`` lifts that for a file you trust.
 
-Layout rules (SPEC section 8): conv weight (O, I, kH, kW, kD) -> kernel (kH, kW, kD, I, O);
+Layout rules: conv weight (O, I, kH, kW, kD) -> kernel (kH, kW, kD, I, O);
 transposed-conv weight (I, O, k, k, k) -> kernel (k, k, k, O, I) (``layers.Deconv2``, the
 layout of Flax's ``ConvTranspose(transpose_kernel=True)``), which is the same axis permutation;
 linear weight (out, in) -> kernel (in, out); GroupNorm / LayerNorm / BatchNorm weight -> scale, bias -> bias; BatchNorm
@@ -359,7 +359,7 @@ def main(argv):
 
 def _define_flags():
   cli.define_config_flag('config', default='brats', help_string=(
-      'The network configuration: ' + configs.SPEC_HELP + '.'))
+      'The network configuration: ' + configs.CONFIG_HELP + '.'))
   flags.DEFINE_string('state_dict', None, 'The authors\' state_dict or training checkpoint '
                       '(.pth/.pt, or .npz of NumPy arrays).', required=True)
   flags.DEFINE_string('out', None, 'Folder of the single-network export.', required=True)

@@ -35,7 +35,7 @@ def _define_flags():
   """The command's flags, defined when it runs: importing this module (a test, a notebook)
   leaves absl's global flags alone."""
   cli.define_config_flag('config', help_string=(
-      'The config: ' + configs.SPEC_HELP + '. Fields are overridden with '
+      'The config: ' + configs.CONFIG_HELP + '. Fields are overridden with '
       '--config.<field>=value, e.g. --config.train.epochs=10. Required to train; eval and '
       "export read the workdir's config.json when it is not given."))
   flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
@@ -79,7 +79,7 @@ def workdir_config(config, workdir, mode):
   if config is not None:
     return config
   if mode == 'train':
-    cli.fail(f'--config is required to train: {configs.SPEC_HELP} (e.g. --config=demo)')
+    cli.fail(f'--config is required to train: {configs.CONFIG_HELP} (e.g. --config=demo)')
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     cli.fail(f'{workdir} has no config.json (is it a training workdir?); give --config')
   config = ckpt.load_config(workdir)

@@ -16,7 +16,7 @@ import os
 
 NAMES = ('brats', 'fets', 'cpu_real', 'demo')
 
-SPEC_HELP = ('give a config name (' + ', '.join(NAMES) + ', with an optional :variant, e.g. '
+CONFIG_HELP = ('give a config name (' + ', '.join(NAMES) + ', with an optional :variant, e.g. '
              'brats:tiny) or the path of a Python config file')
 
 
@@ -39,7 +39,7 @@ def load(spec):
   FileNotFoundError for a file that does not exist."""
   file, _, variant = resolve(spec).partition(':')
   if not os.path.isfile(file):
-    raise FileNotFoundError(f'config {spec}: no file {file}; {SPEC_HELP}')
+    raise FileNotFoundError(f'config {spec}: no file {file}; {CONFIG_HELP}')
   module_spec = importlib.util.spec_from_file_location('_mstkd_config', file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -1,6 +1,7 @@
-"""MST-KDNet on BraTS 2024 GLI: the paper's defaults (SPEC.md sections 3-5).
+"""MST-KDNet on BraTS 2024 GLI: the paper's defaults (docs/method.md).
 
-Variants by argument: ``--config=configs/brats.py:VARIANT`` with VARIANT one of
+Variants by argument: ``--config=brats:VARIANT`` (from a checkout also
+``--config=configs/brats.py:VARIANT``) with VARIANT one of
 ``tiny`` (a CPU-sized model that compiles and steps in seconds), ``cube64`` (the full-width
 model on 64^3 inputs), ``no_mstkd``, ``no_gsme``,
 ``no_slkd`` (the ablations of the paper's Table 4), ``plain`` (the student alone with no
@@ -20,7 +21,7 @@ def base_config():
   # Rematerialise ResBlocks and transformer blocks in the backward pass (saves memory).
   c.remat = False
 
-  # ---- network (SPEC section 3) ----
+  # ---- network (docs/method.md, "Network") ----
   model = c.model = config_dict.ConfigDict()
   model.in_channels = 4             # FLAIR, T1, T1Gd, T2
   model.num_classes = 4             # NETC/NCR, SNFH/ED, ET, background (independent sigmoids)
@@ -71,7 +72,7 @@ def base_config():
   data.synthetic_spacing = 1.0     # mm per voxel of the generated cases
   data.synthetic_layout = 'brats2021'
 
-  # ---- training (SPEC section 5) ----
+  # ---- training (docs/method.md, "Optimisation and data") ----
   train = c.train = config_dict.ConfigDict()
   train.epochs = 250
   train.batch_size_per_device = 1
@@ -102,7 +103,7 @@ def base_config():
   # Which network of that workdir becomes the teacher: 'student' (None) or 'teacher'.
   train.frozen_teacher_network = config_dict.placeholder(str)
 
-  # ---- losses (SPEC section 4) ----
+  # ---- losses (docs/method.md, "Losses") ----
   loss = c.loss = config_dict.ConfigDict()
   loss.missing_weight = 0.6        # w_m in L_dice
   loss.lambda_mstkd = 1.0
@@ -128,7 +129,7 @@ def base_config():
   evaluation = c.eval = config_dict.ConfigDict()
   evaluation.hd95_convention = 'brats'   # 'brats' (373.13 when one mask is empty) | 'authors' (0)
   evaluation.batch_size = 1              # inputs per compiled forward pass (last batch zero-padded)
-  # False: the centre window of input_shape of each case's brain box (SPEC section 5);
+  # False: the centre window of input_shape of each case's brain box (the paper's protocol);
   # True: overlapping windows over the whole box, blended (what prediction does).
   evaluation.sliding_window = False
   evaluation.overlap = 0.5               # sliding windows: fraction of a window shared with the next
@@ -156,8 +157,9 @@ def apply_variant(c, name):
     # (8/120)^4 smaller alpha to weigh the same as at full size.
     c.loss.evd_alpha = 2e3
   elif name == 'cube64':
-    # 64^3 input with the default widths; the UNETR sees 2x2x2 tokens (the authors' 64^3
-    # benchmark, REFERENCE_NUMBERS.md) and the discriminator's last kernel shrinks to fit.
+    # 64^3 input with the default widths; the UNETR sees 2x2x2 tokens (the size of the
+    # authors' 64^3 training benchmark, experiments/bench_vs_torch.py) and the
+    # discriminator's last kernel shrinks to fit.
     c.data.input_shape = (64, 64, 64)
   elif name == 'no_mstkd':
     c.loss.lambda_mstkd = 0.0

@@ -1,7 +1,7 @@
 """The short-budget recipe: MST-KDNet trained in about an hour on a 2-core CPU, real cases at 2 mm.
 
-    python -m mstkd_jax.main --config=configs/cpu_real.py --workdir=runs/cpu-real \
-        --config.data.root=../shared/data/brats2018
+    mstkd-train --config=cpu_real --workdir=runs/cpu-real \
+        --config.data.root=/data/BraTS2018
 
 configs/brats.py keeps the paper's recipe (250 epochs on hundreds of cases). In runs of a few
 thousand steps on a few cases its distillation weights act before the teacher has learned the

@@ -1,6 +1,7 @@
 """The demo: a small MST-KDNet trained for a few minutes on this CPU, then evaluated.
 
-    python -m mstkd_jax.main --config=configs/demo.py --workdir=/tmp/mstkd-demo
+    mstkd-train --config=demo --workdir=/tmp/mstkd-demo
+    python -m mstkd_jax.main --config=configs/demo.py --workdir=/tmp/mstkd-demo   # a checkout
 
 With no data root it writes 10 synthetic BraTS-like cases (96 x 96 x 80 voxels of 2 mm, a
 brain of real size) into ``<workdir>/synthetic``, trains teacher and student on 48^3 windows,
@@ -9,10 +10,10 @@ the table and draws the Figure-2 style picture (``<workdir>/figure.png``).
 
 The same config trains on real cases at 2 mm:
 
-    python -m mstkd_jax.main --config=configs/demo.py --workdir=runs/demo-brats2018 \
-        --config.data.root=../shared/data/brats2018 --config.data.layout=brats2021
+    mstkd-train --config=demo --workdir=runs/demo-brats2018 \
+        --config.data.root=/data/BraTS2018 --config.data.layout=brats2021
 
-Variants as in configs/brats.py, applied on top: ``configs/demo.py:plain`` (no distillation),
+Variants as in brats.py, applied on top: ``--config=demo:plain`` (no distillation),
 ``:no_mstkd``, ``:no_gsme``, ``:no_slkd``. Any field can still be overridden on the command line
 (``--config.train.epochs=40``).
 """
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.train.epochs = 12                    # 84 steps on the 7 synthetic training cases
   c.train.log_every = 10
   c.train.eval_every_epochs = 5
-  # Centre window (SPEC): the central 48^3 of each brain box. Sliding windows over the whole
+  # Centre window (the paper's protocol): the central 48^3 of each brain box. Sliding windows over the whole
   # box cost 8-12 windows per input and subset: --config.eval.sliding_window=True.
   c.eval.figure = True
   return cpu_real.apply_variants(c, arg)

@@ -1,6 +1,6 @@
 """MST-KDNet on FeTS 2024 / BraTS 2021 (labels 1 NCR, 2 ED, 4 ET): the paper's defaults.
 
-Same variants as configs/brats.py (``configs/fets.py:tiny``, ``:no_mstkd``, ...).
+Same variants as brats.py (``--config=fets:tiny``, ``:no_mstkd``, ...).
 """
 
 from mstkd_jax.configs import brats

@@ -1,6 +1,6 @@
 """Case folder layouts of BraTS / FeTS, case discovery and label conventions.
 
-Two layouts are known (SPEC section 1):
+Two layouts are known (docs/data.md, "Case folders"):
 
 * ``brats2024`` (BraTS 2023/2024 GLI):
   ``BraTS-GLI-00005-100/BraTS-GLI-00005-100-{t2f,t1n,t1c,t2w,seg}.nii.gz``,
