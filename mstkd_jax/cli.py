@@ -146,14 +146,14 @@ def override_type_problem(name='config'):
   return None
 
 
-def describe_flag_error(error, argv=()):
+def describe_flag_error(error, argv=(), flag_values=None):
   """One line for an error of absl's parser or of a config override: an unknown flag (with
   absl's suggestions), a value of the wrong type (naming the field and the type it takes), an
   unknown config field (its full path), or a config file that cannot be loaded."""
   if isinstance(error, flags.UnrecognizedFlagError):
     return unknown_flag_message(error)
   if isinstance(error, flags.IllegalFlagValueError):
-    return bad_value_message(error)
+    return bad_value_message(error, flags.FLAGS if flag_values is None else flag_values)
   field = unknown_field_message(error, argv)
   return field or describe_config_error(error)
 
@@ -173,7 +173,7 @@ _TYPE_WORDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'
                'tuple': 'a tuple (1,2,3)', 'string': 'a string'}
 
 
-def bad_value_message(error):
+def bad_value_message(error, flag_values):
   """``--config.train.epochs=abc: train.epochs takes an integer (default 250)``."""
   text = one_line(error)
   found = re.match(r'flag --([^=\s]+)=(.*?): (.*)$', text, re.S)
@@ -182,7 +182,7 @@ def bad_value_message(error):
   name, value, reason = found.groups()
   if name in _CONFIG_FLAGS:   # the config file raised (an unknown variant, a bad field)
     return f'--{name}={value}: {describe_config_error(error)}'
-  flag = flags.FLAGS[name] if name in flags.FLAGS else None
+  flag = flag_values[name] if name in flag_values else None
   if flag is None:
     return f'--{name}={value}: {reason}'
   kind = flag.parser.flag_type()
@@ -313,7 +313,7 @@ class Command:
     try:
       return self.flags([self.prog] + argv)[1:]
     except flags.Error as e:
-      message = describe_flag_error(e, argv)
+      message = describe_flag_error(e, argv, self.flags)
       fail(message if '--help' in message else f'{message} (--help lists the flags)')
 
   def parse_flags_only(self, argv=None):

@@ -330,3 +330,17 @@ def test_evaluate_folder_names_missing_skip_and_counts_what_it_leaves_out(tmp_pa
   assert '1 cases (2 reference case(s) without a prediction left out)' in proc.stdout
   with open(tmp_path / 'out' / 'summary.json') as f:
     assert json.load(f)['references_left_out'] == ['B', 'C']
+
+
+def test_a_command_says_which_type_a_flag_takes_and_which_flag_was_meant(capsys):
+  from absl import flags
+  from mstkd_jax import cli
+  command = cli.Command('prog', 'usage')
+  flags.DEFINE_float('threshold', 0.5, 'Probability threshold.', flag_values=command.flags)
+  for argv, expected in ((['--threshold=abc'], 'error: --threshold=abc: expected a number'),
+                         (['--treshold=0.3'],
+                          'error: unknown flag --treshold; did you mean --threshold?')):
+    with pytest.raises(SystemExit) as info:
+      command.parse(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith(expected)
