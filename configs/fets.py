@@ -1,12 +1,4 @@
-"""MST-KDNet on FeTS 2024 / BraTS 2021 (labels 1 NCR, 2 ED, 4 ET): the paper's defaults.
+"""``--config=configs/fets.py[:variant]`` from a checkout: the config of
+``mstkd_jax/configs/fets.py`` (installed: ``--config=fets[:variant]``). Edit that file."""
 
-Same variants as configs/brats.py (``configs/fets.py:tiny``, ``:no_mstkd``, ...).
-"""
-
-from configs import brats
-
-
-def get_config(arg=None):
-  c = brats.get_config(arg)
-  c.data.layout = 'brats2021'
-  return c
+from mstkd_jax.configs.fets import get_config  # noqa: F401

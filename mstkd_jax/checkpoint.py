@@ -15,8 +15,10 @@ the latest usable one; the leftover temporary folder is removed when a manager n
 directory. Every process calls ``save`` and ``restore``; Orbax writes each array shard once.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging as py_logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -95,8 +97,28 @@ def make_manager(directory, keep=3, read_only=False) -> ocp.CheckpointManager:
       enable_async_checkpointing=not read_only,
       # Read-only managers save nothing; saying so keeps Orbax from warning about it.
       save_interval_steps=0 if read_only else 1)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=('state', 'data', 'meta'))
+  with _without_read_only_notice() if read_only else contextlib.nullcontext():
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=('state', 'data', 'meta'))
+
+
+class _ReadOnlyNoticeFilter(py_logging.Filter):
+  """Drops Orbax's 'Given directory is read only' warning: a manager opened to read a
+  checkpoint says so on every evaluation, export and prediction, though nothing is wrong."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+  logger = py_logging.getLogger('absl')   # Orbax logs through absl.logging
+  notice_filter = _ReadOnlyNoticeFilter()
+  logger.addFilter(notice_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice_filter)
 
 
 def saved_steps(directory):

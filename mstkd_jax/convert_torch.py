@@ -2,7 +2,7 @@
 
 Command:
 
-  python -m mstkd_jax.convert_torch --state_dict FILE --config=configs/brats.py --out DIR \
+  mstkd-convert --state_dict FILE --config=brats --out DIR \
       [--which student|teacher] [--allow_pickle] [--overwrite]
 
 FILE is one of
@@ -20,7 +20,7 @@ depends on ``config.data.input_shape`` (120 tokens at 160x192x128): weights trai
 size need ``--config.data.input_shape=...``. ``.pth`` files are read with
 ``torch.load(weights_only=True)``; ``--allow_pickle`` lifts that for a file you trust.
 
-Layout rules (SPEC section 8): conv weight (O, I, kH, kW, kD) -> kernel (kH, kW, kD, I, O);
+Layout rules: conv weight (O, I, kH, kW, kD) -> kernel (kH, kW, kD, I, O);
 transposed-conv weight (I, O, k, k, k) -> kernel (k, k, k, O, I) (``layers.Deconv2``, the
 layout of Flax's ``ConvTranspose(transpose_kernel=True)``), which is the same axis permutation;
 linear weight (out, in) -> kernel (in, out); GroupNorm / LayerNorm / BatchNorm weight -> scale, bias -> bias; BatchNorm
@@ -47,15 +47,13 @@ is written by ``checkpoint.save_network`` and read by ``checkpoint.load_networks
 
 import os
 import re
-import sys
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax import cli
+from mstkd_jax import cli, configs
 from mstkd_jax.models import build
 
 NETWORK_KEYS = {'student': 'model_missing', 'teacher': 'model_full'}
@@ -360,8 +358,8 @@ def main(argv):
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file('config', 'configs/brats.py', 'Network configuration.',
-                                  lock_config=True)
+  cli.define_config_flag('config', default='brats', help_string=(
+      'The network configuration: ' + configs.CONFIG_HELP + '.'))
   flags.DEFINE_string('state_dict', None, 'The authors\' state_dict or training checkpoint '
                       '(.pth/.pt, or .npz of NumPy arrays).', required=True)
   flags.DEFINE_string('out', None, 'Folder of the single-network export.', required=True)
@@ -374,7 +372,7 @@ def _define_flags():
 
 USAGE = """Import the authors' PyTorch MST-KDNet weights as a network export.
 
-  python -m mstkd_jax.convert_torch --state_dict FILE --config=configs/brats.py --out DIR \\
+  mstkd-convert --state_dict FILE --config=brats --out DIR \\
       [--which student|teacher] [--allow_pickle] [--overwrite]
 
 FILE: a state_dict or the authors' whole training checkpoint (.pth / .pt with torch
@@ -385,9 +383,7 @@ visualize like an exported student (docs/evaluation.md).
 
 def console_main():
   """The ``mstkd-convert`` command (``pip install .``): ``python -m mstkd_jax.convert_torch``."""
-  sys.modules['__main__'].__doc__ = USAGE    # what --help shows above the flags
-  _define_flags()
-  cli.run(main)
+  cli.run(main, _define_flags, USAGE)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The 15-subset evaluation (SPEC section 6), validation during training, and the inference core.
+"""The 15-subset evaluation (docs/method.md, "Evaluation"), validation during training, and the inference core.
 
 ``evaluate_checkpoint(config, workdir, checkpoint, split)`` (``--mode=eval``) and
 ``evaluate_state(config, dataset, state, split)`` (end of training) run the student on every case
@@ -13,7 +13,7 @@ and write into ``<workdir>/eval`` (``eval_<split>`` for other splits than 'test'
                  named by modality, then the average
 
 and print the table. What the network sees of a case: ``config.eval.sliding_window`` False (the
-SPEC's default) takes the centre window of ``data.input_shape`` of the brain box, and the metrics
+the paper's protocol, the default) takes the centre window of ``data.input_shape`` of the brain box, and the metrics
 are computed inside that window; True slides overlapping windows over the whole box and blends
 them (as ``mstkd_jax.predict`` does), with metrics over the whole box.
 

@@ -135,7 +135,8 @@ def pair_cases(predictions, references, missing_policy='error'):
     shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more' if len(missing) > 5 else '')
     raise EvaluationInputError(f'no prediction for {len(missing)} of {len(references)} '
                                f'reference case(s): {shown} (expected <case id>.nii.gz in '
-                               '--pred)')
+                               '--pred); --missing=skip scores only the predicted cases, '
+                               '--missing=empty scores the others as empty')
   if not references:
     raise EvaluationInputError('no prediction matches a reference case (expected '
                                '<case id>.nii.gz in --pred)')
@@ -321,8 +322,12 @@ _LESION_NOTES = {
 
 
 def markdown(summary, title):
+  left_out = summary.get('references_left_out', ())
   lines = [f'### {title}', '',
-           f"{summary['num_cases']} cases; mean +- standard deviation (median) over cases. "
+           f"{summary['num_cases']} cases"
+           + (f" ({len(left_out)} reference case(s) without a prediction left out)"
+              if left_out else '')
+           + "; mean +- standard deviation (median) over cases. "
            f"HD95 convention: {summary['hd95_convention_note']}.", '']
   lesion = summary.get('lesion_wise')
   definition = summary.get('lesion_wise_definition', 'brats2023')
@@ -378,7 +383,12 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
   evaluator = _lesion_evaluator(definition, challenge, log)
   if missing not in MISSING_CHOICES:
     raise EvaluationInputError(f'--missing must be one of {MISSING_CHOICES}, got {missing!r}')
-  pairs, extra = pair_cases(find_predictions(pred_dir), find_references(ref_dir), missing)
+  predictions, references = find_predictions(pred_dir), find_references(ref_dir)
+  pairs, extra = pair_cases(predictions, references, missing)
+  left_out = sorted(set(references) - set(predictions)) if missing == 'skip' else []
+  if left_out:
+    log(f'{len(left_out)} of {len(references)} reference case(s) without a prediction left '
+        f'out (--missing=skip): {", ".join(left_out[:5])}' + (' ...' if len(left_out) > 5 else ''))
   absent = [c for c, p, _ in pairs if p is None]
   if absent:
     log(f'{len(absent)} case(s) without a prediction scored as empty: {", ".join(absent[:5])}'
@@ -411,6 +421,8 @@ def evaluate_folder(pred_dir, ref_dir, out_dir, labels='auto', convention='brats
   if definition == 'brats2025':
     lesion_rows = lesionwise_brats2025.write_official(official, challenge, out_dir)
   summary = summarize(rows, lesion_rows, convention, subset, definition)
+  if left_out:
+    summary['references_left_out'] = left_out
   if labels == 'auto':
     summary['label_conventions_read'] = {
         folder: {str(conv or 'either'): len(ids) for conv, ids in found.items()}

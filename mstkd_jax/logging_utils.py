@@ -64,10 +64,54 @@ def memory_dict(compiled):
           'generated_code_bytes': int(m.generated_code_size_in_bytes)}
 
 
+class _LogAboveBars:
+  """While progress bars are shown, log records reach the terminal with the bars cleared
+  first and redrawn after (tqdm's ``external_write_mode``), so that a log line never runs into
+  a bar. Applied to the root logger's handlers (absl's among them) for as long as a bar is
+  open; nested bars share it."""
+
+  _open_bars = 0
+
+  @classmethod
+  def start(cls):
+    cls._open_bars += 1
+    root = py_logging.getLogger()
+    if not root.handlers:
+      # What absl.logging does on its first record outside absl's app.run: done now, so that
+      # the handler exists to be covered.
+      py_logging.basicConfig()
+    cls.cover()
+
+  @classmethod
+  def cover(cls):
+    """Covers the root logger's handlers not covered yet (one added while a bar is open)."""
+    if cls._open_bars:
+      for handler in py_logging.getLogger().handlers:
+        if not getattr(handler.handle, 'above_bars', False):
+          handler.handle = cls._wrap(handler.handle)   # an instance attribute, removed in stop
+
+  @classmethod
+  def stop(cls):
+    cls._open_bars = max(cls._open_bars - 1, 0)
+    if cls._open_bars == 0:
+      for handler in py_logging.getLogger().handlers:
+        if getattr(handler.handle, 'above_bars', False):
+          del handler.handle
+
+  @staticmethod
+  def _wrap(handle):
+    def handle_above_bars(record):
+      with tqdm.tqdm.external_write_mode(file=sys.stderr):
+        return handle(record)
+    handle_above_bars.above_bars = True
+    return handle_above_bars
+
+
 class Progress:
-  """The one progress display: tqdm on a terminal; elsewhere (SLURM logs, pipes) a log line
-  with the count, elapsed time and ETA about every 10 % or 60 s (``log_lines=False``: none,
-  for loops that log their own lines). ``update(n)`` adds n; ``update_to(done)`` sets it."""
+  """The one progress display: a tqdm bar on a terminal (log lines are written above it);
+  elsewhere (log files, SLURM, pipes) no bar but a log line with the count, elapsed time and
+  ETA about every 10 % or 60 s (``log_lines=False``: nothing, for loops that log their own
+  lines). ``update(n)`` adds n; ``update_to(done)`` sets it."""
 
   def __init__(self, total, desc, unit='case', initial=0, enabled=True, log_lines=True):
     self.total, self.desc, self.unit = int(total), desc, unit
@@ -78,6 +122,7 @@ class Progress:
     if enabled and sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit,
                             dynamic_ncols=True)
+      _LogAboveBars.start()
 
   def update(self, n=1):
     self.update_to(self.done + n)
@@ -85,6 +130,7 @@ class Progress:
   def update_to(self, done):
     step, self.done = done - self.done, int(done)
     if self._bar is not None:
+      _LogAboveBars.cover()
       self._bar.update(step)
       return
     if not (self.enabled and self.log_lines):
@@ -102,6 +148,8 @@ class Progress:
   def close(self):
     if self._bar is not None:
       self._bar.close()
+      self._bar = None
+      _LogAboveBars.stop()
 
 
 # Training-log names of the logged values (metrics.jsonl keeps the keys): losses say so.

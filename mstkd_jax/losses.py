@@ -1,4 +1,4 @@
-"""Every loss of SPEC section 4, one pure function each, and the weighted total.
+"""Every loss of docs/method.md ("Losses"), one pure function each, and the weighted total.
 
 Notation: f = teacher (all four modalities), m = student (a subset); p = sigmoid probabilities,
 l = logits, y = per-channel one-hot targets, all channels-last (N, H, W, D, C). Every mean and

@@ -1,4 +1,11 @@
-"""Command line: ``python -m mstkd_jax.main --config=configs/brats.py --workdir=DIR [--mode=...]``.
+"""Train, evaluate or export MST-KDNet: the ``mstkd-train`` command.
+
+  mstkd-train --config=brats --workdir=DIR [--mode=train|eval|export] [--config.FIELD=VALUE]
+  python -m mstkd_jax.main --config=configs/brats.py --workdir=DIR      (the same, in a checkout)
+
+``--config`` takes a packaged config by name (brats, fets, cpu_real, demo; a variant after a
+colon: ``brats:tiny``) or a Python file; eval and export without it read the workdir's
+``config.json``.
 
 Modes: ``train`` (default; trains, validates periodically, then evaluates the 15 modality
 subsets on the test split), ``eval`` (15-subset evaluation of a checkpoint), ``export`` (the
@@ -13,12 +20,13 @@ command to resume); 3 after a non-finite loss; 4 when a checkpoint could not be 
 message names the last good one).
 """
 
+import os
 import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-from mstkd_jax import cli, evaluate, export, logging_utils, parallel, run, train
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import cli, configs, evaluate, export, logging_utils, parallel, run, train
 
 FLAGS = flags.FLAGS
 
@@ -26,8 +34,10 @@ FLAGS = flags.FLAGS
 def _define_flags():
   """The command's flags, defined when it runs: importing this module (a test, a notebook)
   leaves absl's global flags alone."""
-  config_flags.DEFINE_config_file('config', None, 'Python config file (configs/*.py[:variant]).',
-                                  lock_config=True)
+  cli.define_config_flag('config', help_string=(
+      'The config: ' + configs.CONFIG_HELP + '. Fields are overridden with '
+      '--config.<field>=value, e.g. --config.train.epochs=10. Required to train; eval and '
+      "export read the workdir's config.json when it is not given."))
   flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
   flags.DEFINE_string('checkpoint', None, "eval/export: 'latest' (default), 'best', a step "
@@ -44,7 +54,7 @@ def _define_flags():
   flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
   flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
   flags.DEFINE_bool('verbose_libraries', False, 'Show the INFO lines of Orbax and grain.')
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -52,7 +62,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.verbose_libraries:
     logging_utils.quiet_libraries()
-  config = cli.config_flag('config')
+  config = workdir_config(cli.config_flag('config'), FLAGS.workdir, FLAGS.mode)
   guard = cli.FolderGuard(FLAGS.workdir)
   try:
     run_mode(config)
@@ -61,6 +71,20 @@ def main(argv):
       raise
     guard.cleanup()
     cli.fail(cli.one_line(e))
+
+
+def workdir_config(config, workdir, mode):
+  """The config to run: ``--config`` when given; for eval and export without it, the
+  workdir's ``config.json`` (the checkpoint's networks are checked against a given one)."""
+  if config is not None:
+    return config
+  if mode == 'train':
+    cli.fail(f'--config is required to train: {configs.CONFIG_HELP} (e.g. --config=demo)')
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    cli.fail(f'{workdir} has no config.json (is it a training workdir?); give --config')
+  config = ckpt.load_config(workdir)
+  config.lock()
+  return config
 
 
 def run_mode(config):
@@ -88,8 +112,7 @@ def run_mode(config):
 
 def console_main():
   """The ``mstkd-train`` command (``pip install .``): ``python -m mstkd_jax.main``."""
-  _define_flags()
-  cli.run(main)
+  cli.run(main, _define_flags, __doc__)
 
 
 if __name__ == '__main__':

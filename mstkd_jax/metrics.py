@@ -1,6 +1,6 @@
 """Dice and HD95 of the three tumour regions, in plain NumPy/SciPy.
 
-Definitions (SPEC section 6):
+Definitions (docs/method.md, "Evaluation"):
 
 * Dice = 2|A & B| / (|A| + |B|).
 * HD95 follows MedPy's ``medpy.metric.binary.hd95``: the surface of a mask is the mask minus its
@@ -32,7 +32,7 @@ CONVENTIONS = ('brats', 'authors')
 # 240 x 240 x 155 BraTS volume in mm.
 BRATS_EMPTY_HD95 = 373.13
 
-# Output channels of the network (SPEC section 1): tumour sub-labels, then background.
+# Output channels of the network (docs/method.md, "Task"): tumour sub-labels, then background.
 _CHANNEL_NETC, _CHANNEL_SNFH, _CHANNEL_ET = 0, 1, 2
 
 

@@ -1,4 +1,4 @@
-"""The optimisers (SPEC section 5): Adam with PyTorch's L2 for the networks, Adam for the
+"""The optimisers (docs/method.md, "Optimisation and data"): Adam with PyTorch's L2 for the networks, Adam for the
 discriminator, and the poly learning-rate decay."""
 
 import jax

@@ -74,7 +74,6 @@ or affines, a checkpoint trained with another config, an unknown label conventio
 
 import csv
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -89,6 +88,7 @@ import numpy as np
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import cli
+from mstkd_jax import configs
 from mstkd_jax import evaluate
 from mstkd_jax import model_facts
 from mstkd_jax import regrid
@@ -123,17 +123,16 @@ class Model:
 
 
 def load_config_file(spec):
-  """``path/to/config.py[:variant]`` -> ConfigDict (as ``--config`` of main.py)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise PredictionError(f'config file {path} not found')
-  module_spec = importlib.util.spec_from_file_location('_predict_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
+  """A config name (``brats:tiny``) or ``path/to/config.py[:variant]`` -> ConfigDict (as
+  ``--config`` of the training command)."""
+  file = configs.resolve(spec).partition(':')[0]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(file)))
+  if root not in sys.path:     # a config file beside the project's may import its siblings
     sys.path.insert(0, root)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  try:
+    return configs.load(spec)
+  except FileNotFoundError as e:
+    raise PredictionError(str(e)) from e
 
 
 def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
@@ -277,7 +276,8 @@ def _check_paths(paths):
 
 def check_out(out, folder=False):
   """The output must be a .nii / .nii.gz file (or, with ``folder``, a folder), never an
-  existing folder where a file is wanted."""
+  existing folder where a file is wanted. A file's missing folder is created, as ``folder``
+  mode creates its folder."""
   if folder:
     if os.path.exists(out) and not os.path.isdir(out):
       raise PredictionError(f'--out {out} exists and is not a folder (--input_dir writes one '
@@ -289,8 +289,11 @@ def check_out(out, folder=False):
     raise PredictionError(f'--out {out}: the segmentation is written as NIfTI; give a name '
                           'ending in .nii.gz or .nii')
   parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise PredictionError(f'--out {out}: the folder {parent} does not exist')
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise PredictionError(f'--out {out}: cannot create the folder {parent}: '
+                          f'{e.strerror or e}') from e
 
 
 # The 8 mirrorings of test-time augmentation: every combination of flipping the 3 axes.

@@ -5,7 +5,7 @@ One step, one XLA program:
      (``modalities.draw_masks``);
   2. teacher forward on the full input, student forward on the masked input (BatchNorm in
      training mode, dropout on), the discriminator on the student's style map;
-  3. every loss of SPEC section 4 and one backward pass for teacher + student together;
+  3. every loss of docs/method.md ("Losses") and one backward pass for teacher + student together;
   4. Adam (+ L2 added to the gradient, poly learning-rate decay) on teacher + student;
   5. the discriminator's own Adam step on BCE(D(s_f), 0) + BCE(D(s_m), 1), style maps frozen.
 The step returns the new state and a dict of measurements (every loss term, norms, lr).
@@ -34,7 +34,7 @@ def _global_norm(tree):
 
 def network_objective(params, batch_stats, disc_params, image, image_m, label, keys, epoch,
                       config):
-  """The teacher + student objective of one step (SPEC section 4).
+  """The teacher + student objective of one step (docs/method.md, "Losses").
 
   params / batch_stats: {'teacher', 'student'}; image: full input, image_m: the student's
   masked input, both (N, H, W, D, 4); label (N, H, W, D, 4); keys: (teacher, student) dropout

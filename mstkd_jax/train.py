@@ -204,13 +204,21 @@ def check_workdir_config(config, workdir, allow_change=False):
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
   diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
+  changes = ', '.join(f'{k} {_dotted(old, k)!r} -> {_dotted(new, k)!r}' for k in diffs)
   if diffs and not allow_change:
     raise ckpt.CheckpointError(
-        f'{path} holds a different config (fields differing: {", ".join(diffs)}). Use a new '
+        f'{path} holds a different config (saved -> given: {changes}). Use a new '
         '--workdir, or pass --allow_config_change to resume anyway.')
   if diffs:
-    logging.warning('resuming with a changed config (allowed): %s', ', '.join(diffs))
+    logging.warning('resuming with a changed config (allowed): %s', changes)
   return diffs
+
+
+def _dotted(tree, key):
+  """The value at ``'a.b.c'`` of nested dicts (None where absent)."""
+  for part in key.split('.'):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
 
 
 def _diff_keys(a, b, prefix=''):

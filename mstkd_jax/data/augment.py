@@ -1,4 +1,4 @@
-"""Training augmentation (SPEC section 5), split in two for speed and determinism.
+"""Training augmentation (docs/method.md, "Optimisation and data"), split in two for speed and determinism.
 
 ``draw`` picks every random number of one sample from a ``np.random.Generator`` (grain seeds it
 from the pipeline seed and the sample's global index, so the choice does not depend on worker

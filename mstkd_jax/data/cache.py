@@ -176,7 +176,9 @@ def build_cache(cases, settings, root, cache_dir, *, workers=0, on_bad_case='err
     for p in problems:
       logging.warning('bad case %s', p)
   if skipped and on_bad_case == 'error':
-    raise BadCaseError([p for problems in skipped for p in problems])
+    raise BadCaseError([p for problems in skipped for p in problems],
+                       hint=f'{len(skipped)} of {len(cases)} cases unusable; '
+                       '--config.data.on_bad_case=skip leaves them out')
   if skipped:
     logging.warning('Skipping %d bad case(s) of %d (data.on_bad_case=skip): %s', len(skipped),
                     len(cases), ', '.join(sorted({ps[0].case for ps in skipped})))

@@ -19,6 +19,7 @@ import sys
 from mstkd_jax.data import layouts
 from mstkd_jax.data import preprocess
 from mstkd_jax.data.layouts import BadCaseError, DataError
+from mstkd_jax.logging_utils import Progress
 
 
 def check_case(case):
@@ -58,8 +59,13 @@ def main(argv=None):
   p.add_argument('--quiet', action='store_true', help='no progress on stderr')
   args = p.parse_args(argv)
 
+  bar = None
+
   def progress(n, total):
-    print(f'\rchecked {n}/{total}', end='' if n < total else '\n', file=sys.stderr, flush=True)
+    nonlocal bar
+    if bar is None:    # a bar on a terminal only: nothing in a log file
+      bar = Progress(total, 'check', unit='case', log_lines=False)
+    bar.update_to(n)
 
   try:
     results, cases = check_root(args.root, args.layout, args.workers,
@@ -67,6 +73,9 @@ def main(argv=None):
   except (DataError, ValueError) as e:
     print(f'ERROR: {e}')
     return 1
+  finally:
+    if bar is not None:
+      bar.close()
   bad = [(cid, ps) for cid, ps in results if ps]
   for _, problems in bad:
     for prob in problems:

@@ -1,6 +1,6 @@
 """Case folder layouts of BraTS / FeTS, case discovery and label conventions.
 
-Two layouts are known (SPEC section 1):
+Two layouts are known (docs/data.md, "Case folders"):
 
 * ``brats2024`` (BraTS 2023/2024 GLI):
   ``BraTS-GLI-00005-100/BraTS-GLI-00005-100-{t2f,t1n,t1c,t2w,seg}.nii.gz``,
@@ -98,9 +98,9 @@ class Problem:
 class BadCaseError(InputError, ValueError):
   """A case that cannot be used; carries every problem found (case, file, message)."""
 
-  def __init__(self, problems):
+  def __init__(self, problems, hint=''):
     self.problems = list(problems)
-    super().__init__('; '.join(str(p) for p in self.problems))
+    super().__init__('; '.join(str(p) for p in self.problems) + (f' ({hint})' if hint else ''))
 
   @property
   def case(self):

@@ -1,7 +1,8 @@
 r"""Build the split and the preprocessing cache ahead of training.
 
-  python -m mstkd_jax.data.prepare --config=configs/brats.py --workdir=/tmp/run \
+  mstkd-prepare --config=brats --workdir=runs/brats \
       --config.data.root=/data/BraTS2024-GLI [--config.data.workers=8]
+  python -m mstkd_jax.data.prepare ...      (the same, in a checkout)
 
 Writes ``<workdir>/split.json`` (unless the config names a split file) and preprocesses every
 case of the split into the cache (``config.data.cache_dir``, default ``<workdir>/cache``) with
@@ -11,7 +12,6 @@ settings are not redone; training does the same automatically on first use.
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from mstkd_jax import cli
 from mstkd_jax.data import pipeline
@@ -20,8 +20,7 @@ from mstkd_jax.data import pipeline
 def _define_flags():
   # Defined when the command runs, not on import: main.py defines --config and --workdir in
   # the same global flag registry.
-  config_flags.DEFINE_config_file('config', None, 'Python config file '
-                                  '(configs/*.py[:variant]).', lock_config=True)
+  cli.define_config_flag('config')
   flags.DEFINE_string('workdir', None, 'Run folder (split.json, cache).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -47,8 +46,7 @@ def main(argv):
 
 def console_main():
   """The ``mstkd-prepare`` command (``pip install .``)."""
-  _define_flags()
-  cli.run(main)
+  cli.run(main, _define_flags, __doc__)
 
 
 if __name__ == '__main__':

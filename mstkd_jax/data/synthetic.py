@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from mstkd_jax.data import layouts
+from mstkd_jax.logging_utils import Progress
 
 # Mean intensity of each tissue in FLAIR, T1, T1Gd, T2 (relative units).
 TISSUES = ('background', 'csf', 'gm', 'wm', 'edema', 'necrosis', 'enhancing', 'cavity')
@@ -237,19 +238,20 @@ def generate_dataset(out, cases, shape=(240, 240, 155), layout='brats2021', seed
           if not os.path.isdir(os.path.join(out, case_id(i, lay.name)))]
   jobs = [(out, i, tuple(params['shape']), lay.name, params['seed'], params['spacing'])
           for i in todo]
-  if workers and workers > 0 and len(jobs) > 1:
-    ctx = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex:
-      for n, _ in enumerate(ex.map(_write_case_job, jobs), 1):
-        if progress:
-          print(f'\rwrote {n}/{len(jobs)} cases', end='', file=sys.stderr, flush=True)
-  else:
-    for n, job in enumerate(jobs, 1):
-      _write_case_job(job)
-      if progress:
-        print(f'\rwrote {n}/{len(jobs)} cases', end='', file=sys.stderr, flush=True)
-  if progress and jobs:
-    print(file=sys.stderr)
+  # A bar on a terminal only: nothing in a log file.
+  bar = Progress(len(jobs), 'synthetic cases', unit='case', enabled=progress, log_lines=False)
+  try:
+    if workers and workers > 0 and len(jobs) > 1:
+      ctx = multiprocessing.get_context('spawn')
+      with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex:
+        for _ in ex.map(_write_case_job, jobs):
+          bar.update()
+    else:
+      for job in jobs:
+        _write_case_job(job)
+        bar.update()
+  finally:
+    bar.close()
   tmp = f'{marker}.tmp-{uuid.uuid4().hex[:8]}'
   with open(tmp, 'w') as f:
     json.dump(params, f, indent=1)

@@ -1,7 +1,7 @@
 """Building blocks shared by the network and the transformer branch (channels-last, 3D).
 
 Every convolution pads symmetrically like PyTorch (kernel 3 -> pad 1 on both sides), never
-``'SAME'``, which pads stride-2 convolutions of even sizes asymmetrically (SPEC section 8).
+``'SAME'``, which pads stride-2 convolutions of even sizes asymmetrically (PyTorch pads both sides equally).
 """
 
 from typing import Any
@@ -37,7 +37,7 @@ class Deconv2(nn.Module):
 
   PyTorch's ``ConvTranspose3d(k=2, s=2)``: every input voxel writes its own 2x2x2 output block,
   y[2i+a, 2j+b, 2k+c, o] = sum_ci x[i, j, k, ci] kernel[a, b, c, o, ci] + bias[o], with kernel
-  (2, 2, 2, out, in) = PyTorch's weight (in, out, 2, 2, 2) moved (SPEC section 8), the layout
+  (2, 2, 2, out, in) = PyTorch's weight (in, out, 2, 2, 2) moved (convert_torch.py), the layout
   and initialisation of Flax's ``nn.ConvTranspose(transpose_kernel=True)``. Computed as one
   matrix product (N H W D, in) @ (in, 8 out) and a reshuffle of the blocks: unlike a strided
   transposed convolution, its gradients are matrix products too (XLA:CPU runs the convolution

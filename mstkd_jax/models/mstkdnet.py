@@ -1,4 +1,4 @@
-"""MST-KDNet: the encoder-decoder used for both teacher and student (SPEC section 3).
+"""MST-KDNet: the encoder-decoder used for both teacher and student (docs/method.md, "Network").
 
 Input (N, H, W, D, 4) with H, W, D multiples of 8 * patch_size (32 at the defaults). Shapes
 below are for 160x192x128 and init_channels c = 16:

@@ -1,4 +1,4 @@
-"""The transformer branch: a UNETR on the encoder's bottleneck map (SPEC section 3).
+"""The transformer branch: a UNETR on the encoder's bottleneck map (docs/method.md, "Network").
 
 Patch embedding (conv, kernel = stride = patch) -> learned position embedding -> pre-norm
 transformer blocks that also return their attention probabilities -> a convolutional decoder
