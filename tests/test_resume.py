@@ -136,7 +136,7 @@ def test_workdir_config_check(tmp_path, tiny_config):
   other = config_dict.ConfigDict(tiny_config.to_dict())
   other.train.learning_rate = 3e-4
   other.model.num_layers = 2
-  with pytest.raises(ValueError, match=r'model\.num_layers, train\.learning_rate.*'
+  with pytest.raises(ValueError, match=r'model\.num_layers 4 -> 2, train\.learning_rate .*'
                                        r'--allow_config_change'):
     train.check_workdir_config(other, workdir)
   assert train.check_workdir_config(other, workdir, allow_change=True) == [
