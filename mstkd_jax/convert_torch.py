@@ -56,6 +56,7 @@ from ml_collections import config_flags
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import cli
+from mstkd_jax import compile_cache
 from mstkd_jax.models import build
 
 NETWORK_KEYS = {'student': 'model_missing', 'teacher': 'model_full'}
@@ -348,6 +349,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   config = cli.config_flag('config')
+  compile_cache.enable()
   try:
     out = convert(f.state_dict, config, f.out, which=f.which, allow_pickle=f.allow_pickle,
                   overwrite=f.overwrite)

@@ -18,7 +18,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mstkd_jax import cli, evaluate, export, logging_utils, parallel, run, train
+from mstkd_jax import cli, compile_cache, evaluate, export, logging_utils, parallel, run, train
 
 FLAGS = flags.FLAGS
 
@@ -53,6 +53,7 @@ def main(argv):
   if not FLAGS.verbose_libraries:
     logging_utils.quiet_libraries()
   config = cli.config_flag('config')
+  compile_cache.enable()
   guard = cli.FolderGuard(FLAGS.workdir)
   try:
     run_mode(config)

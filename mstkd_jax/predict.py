@@ -62,6 +62,7 @@ import numpy as np
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import cli
+from mstkd_jax import compile_cache
 from mstkd_jax import evaluate
 from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.logging_utils import Progress
@@ -428,6 +429,7 @@ _define_flags(COMMAND.flags)
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  compile_cache.enable()
   args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}

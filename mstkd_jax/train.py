@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import compile_cache
 from mstkd_jax import host_memory
 from mstkd_jax import optim
 from mstkd_jax import parallel
@@ -84,14 +85,19 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   device of each, brought to the host and copied to the devices, so that every process
   computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
   jax.random's values do not depend on how an array is sharded, so both give the same state.
+  The program comes from the persistent compilation cache when an earlier run compiled it
+  (logged: compiled or loaded, and how long).
   """
-  init = functools.partial(build.init_state, config, steps_per_epoch=steps_per_epoch)
+  init = build.init_function(config, steps_per_epoch)
   if shardings is None:
     shardings = state_shardings(config, mesh, build.abstract_state(config, steps_per_epoch))
-  if jax.process_count() == 1:
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-  host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
-  return parallel.host_to_global(host, shardings)
+  rng = jax.random.key(config.seed)
+  single = jax.process_count() == 1
+  with compile_cache.timed('the initialisation program'):
+    compiled = jax.jit(init, out_shardings=shardings if single else None).lower(rng).compile()
+  if single:
+    return compiled(rng)
+  return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
 
 
 def frozen_teacher_network(config):
@@ -330,13 +336,13 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
         logging.info('metrics.jsonl: dropped %d record(s) of steps after %d (lost with the '
                      'interrupted run; they are logged again)', dropped, start)
   else:
-    logging.info('building the networks and initialising the train state (compiles the '
-                 'initialisation once: tens of seconds on a CPU)')
+    logging.info('building the networks and initialising the train state')
+    t0 = time.time()
     state = create_state(config, mesh, steps_per_epoch, shardings)
     if optim.teacher_is_frozen(config):
       state = with_frozen_teacher(config, state, shardings)
-    logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
-                 build.count_params(state.params['teacher']),
+    logging.info('fresh start in %.1f s: teacher %d, student %d, discriminator %d parameters',
+                 time.time() - t0, build.count_params(state.params['teacher']),
                  build.count_params(state.params['student']),
                  build.count_params(state.disc_params))
 
@@ -349,12 +355,12 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
 
   host_memory.trim()
   logging.info('compiling the training step (teacher, student, every loss, discriminator; '
-               'about a minute on a CPU, once per run)')
-  t0 = time.time()
-  compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
+               'about a minute on a CPU the first time, then loaded from the compilation cache)')
+  with compile_cache.timed('the training step', log=False) as tally:
+    compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
   host_memory.trim()
-  logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
-               time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
+  logging.info('the training step (global batch %d on %d devices): %s; %s', global_bs,
+               mesh.size, tally.text, describe_memory(compiled))
   rng = parallel.replicated_key(config.seed + 1, mesh)
 
   writer = MetricWriter(workdir, enabled=parallel.is_main_process())
