@@ -94,7 +94,8 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   rng = jax.random.key(config.seed)
   single = jax.process_count() == 1
   with compile_cache.timed('the initialisation program'):
-    compiled = jax.jit(init, out_shardings=shardings if single else None).lower(rng).compile()
+    lowered = jax.jit(init, out_shardings=shardings if single else None).lower(rng)
+    compiled = lowered.compile(compiler_options=build.INIT_COMPILER_OPTIONS)
   if single:
     return compiled(rng)
   return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)

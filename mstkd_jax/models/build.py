@@ -64,6 +64,15 @@ def _initialisation_rng():
   return switch(False) if switch is not None else contextlib.nullcontext()
 
 
+# XLA options for compiling the initialisation program. Its compile time grows with the number
+# of parameter arrays (each draws its own random numbers), not with their size, and it runs
+# once: LLVM's -O1 instead of -O3 compiles it about a fifth faster (tiny config 28 s against
+# 38 s, full size 151 s against 192 s on a loaded 2-core machine) and gives bit-identical
+# weights on the CPU (tests/test_init.py); it does not slow the run (experiments/RESULTS_speed.md,
+# section 7). -O0 would halve the compile but changes the weights in the last bits.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
 def init_state(config, rng, steps_per_epoch) -> TrainState:
   """Fresh parameters for teacher, student and discriminator (run it under jax.jit)."""
   with _initialisation_rng():
