@@ -138,10 +138,10 @@ def train_run(config, workdir, env, log_path, to_first_step):
             'wall_s': round(end - launch, 2), 'load_before': before, 'load_after': load()}
   if record is not None:
     result['launch_to_first_step_s'] = round(record['time'] - launch, 2)
-  t_data, _ = first_time(lines, '] data: ')
+  t_data, _ = first_time(lines, '] process 0 of ')   # just before the data work
   t_cases, _ = first_time(lines, 'training cases, ')
   _, init_line = first_time(lines, 'the initialisation program: ')
-  _, step_line = first_time(lines, 'the training step (')
+  _, step_line = first_time(lines, 'the training step (global')
   _, eval_line = first_time(lines, 'the evaluation forward pass (')
   if lines:
     result['first_log_line_s'] = round(lines[0][0] - launch, 2)
