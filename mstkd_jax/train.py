@@ -32,6 +32,7 @@ from mstkd_jax import host_memory
 from mstkd_jax import optim
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
+from mstkd_jax.data import layouts
 from mstkd_jax.models import build
 from mstkd_jax.fileio import write_text_atomic
 from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
@@ -141,11 +142,24 @@ def with_frozen_teacher(config, state, shardings):
 
 
 def batch_struct(config, global_batch_size, mesh):
+  """The step's batch: image float32 [B, H, W, D, 4], one-hot label uint8 [B, H, W, D, C]."""
   shape = build.input_shape(config, global_batch_size)
   label_shape = shape[:-1] + (config.model.num_classes,)
   sharding = parallel.batch_sharding(mesh)
   return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
-          'label': jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=sharding)}
+          'label': jax.ShapeDtypeStruct(label_shape, layouts.TRAIN_LABEL_DTYPE,
+                                        sharding=sharding)}
+
+
+def as_step_batch(batch):
+  """A batch in the step's types: one-hot labels given as float (0/1) become uint8."""
+  label = np.asarray(batch['label'])
+  if label.dtype != layouts.TRAIN_LABEL_DTYPE:
+    converted = label.astype(layouts.TRAIN_LABEL_DTYPE)
+    if not np.array_equal(converted, label):
+      raise ValueError('training labels must be one-hot 0/1 values')
+    batch = {**batch, 'label': converted}
+  return batch
 
 
 # Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
@@ -292,8 +306,9 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   """Runs training from ``train_iter`` until ``epochs * steps_per_epoch`` steps (or
   ``max_steps``).
 
-  ``train_iter`` yields {'image', 'label'} NumPy batches of this process's share of the global
-  batch (``batch_size_per_device x local devices``); with ``get_state`` / ``set_state`` its
+  ``train_iter`` yields {'image' float32, 'label' one-hot uint8 (0/1 floats are converted)}
+  NumPy batches of this process's share of the global batch (``batch_size_per_device x local
+  devices``; ``batch_struct``); with ``get_state`` / ``set_state`` its
   position is checkpointed too. ``validate(state, epoch) -> dict`` (optional) runs every
   ``eval_every_epochs`` epochs; its 'dice' entry chooses the best checkpoint. Every process
   runs this function. Returns the final state.
@@ -391,7 +406,7 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
       raise CheckpointSaveError(last_saved, manager, e) from e
 
   def fetch():
-    return parallel.global_batch(next(train_iter), mesh)
+    return parallel.global_batch(as_step_batch(next(train_iter)), mesh)
 
   try:
     with _StopRequest() as stop:
@@ -484,7 +499,7 @@ class RandomBatches:
     rs = np.random.RandomState([self.seed, index])
     image = rs.rand(*self.shape).astype(np.float32)
     classes = rs.randint(0, self.num_classes, size=self.shape[:-1])
-    label = np.eye(self.num_classes, dtype=np.float32)[classes]
+    label = np.eye(self.num_classes, dtype=layouts.TRAIN_LABEL_DTYPE)[classes]
     rows = slice(self.offset, self.offset + self.local)
     image, label = image[rows], label[rows]
     if index == self.nan_at:
