@@ -3,6 +3,7 @@ r"""Start-up time of the commands, cold (empty compilation cache) and warm, each
   python experiments/bench_startup.py                       # everything, JSON lines on stdout
   python experiments/bench_startup.py --scenarios tiny,demo --out startup.jsonl
   python experiments/bench_startup.py --scenarios predict --keep /tmp/startup   # keep the files
+  python experiments/bench_startup.py --scenarios demo --keep /tmp/startup --phases warm  # again
 
 Scenarios (each runs twice with one fresh compilation cache, ``$MSTKD_CACHE_DIR`` pointed at a
 temporary folder: first ``cold``, then ``warm``; every run is a new process with a new workdir):
@@ -236,6 +237,13 @@ def eval_run(export, root, split_file, workdir, env, log_path):
   return result
 
 
+def remove(path):
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
 def emit(record, out):
   line = json.dumps(record)
   print(line, flush=True)
@@ -250,8 +258,16 @@ def main(argv=None):
                  help=f'comma-separated, of {",".join(SCENARIOS)}')
   p.add_argument('--out', help='also append the JSON lines to this file')
   p.add_argument('--keep', help='work in this folder and keep it (logs, workdirs, caches)')
+  p.add_argument('--phases', default='cold,warm',
+                 help="'cold,warm' (default), or 'warm' alone: again with the cache a run with "
+                      "--keep left in that folder")
   args = p.parse_args(argv)
   chosen = [s.strip() for s in args.scenarios.split(',') if s.strip()]
+  phases = [s.strip() for s in args.phases.split(',') if s.strip()]
+  if phases not in (['cold', 'warm'], ['warm'], ['cold']):
+    p.error('--phases: cold,warm | cold | warm')
+  if phases == ['warm'] and not args.keep:
+    p.error('--phases warm needs --keep (the folder of an earlier run, with its cache)')
   unknown = sorted(set(chosen) - set(SCENARIOS))
   if unknown:
     p.error(f'unknown scenarios: {", ".join(unknown)}')
@@ -262,8 +278,9 @@ def main(argv=None):
     export = case = None
     for name in chosen:
       folder = os.path.join(base, name)
-      shutil.rmtree(folder, ignore_errors=True)
-      os.makedirs(folder)
+      if 'cold' in phases:
+        shutil.rmtree(folder, ignore_errors=True)
+      os.makedirs(folder, exist_ok=True)
       cache = os.path.join(folder, 'cache')
       env = run_env(cache)
       if name in ('predict', 'eval') and export is None:
@@ -273,8 +290,10 @@ def main(argv=None):
         if not os.path.isdir(os.path.join(export, 'variables')):
           make_export(export, run_env(os.path.join(setup, 'cache')))
         case = make_case(os.path.join(setup, 'cases'))
-      for phase in ('cold', 'warm'):
+      for phase in phases:
         log_path = os.path.join(folder, f'{phase}.log')
+        for leftover in (f'{phase}_workdir', f'{phase}_seg.nii.gz'):
+          remove(os.path.join(folder, leftover))   # a fresh workdir for every run
         record = {'scenario': name, 'phase': phase, **common}
         if name in ('tiny', 'cube64', 'demo'):
           config = {'tiny': 'configs/brats.py:tiny', 'cube64': 'configs/brats.py:cube64',

@@ -37,3 +37,16 @@ def test_abstract_state_and_the_initialisation_trace_the_networks_once(tiny_conf
   traced = jax.jit(build.init_function(config, 3)).trace(jax.random.key(1))
   assert len(calls) == 1
   assert jax.tree.structure(traced.out_info) == jax.tree.structure(abstract)
+
+
+def test_resuming_restores_the_checkpoint_without_initialising(tmp_path, tiny_config,
+                                                                 monkeypatch):
+  workdir = str(tmp_path / 'run')
+  train.train_loop(tiny_config, workdir, train.RandomBatches(tiny_config, 1), 2, max_steps=1)
+
+  def no_initialisation(*args, **kwargs):
+    raise AssertionError('a resumed run initialised a fresh state')
+  monkeypatch.setattr(train, 'create_state', no_initialisation)
+  state = train.train_loop(tiny_config, workdir, train.RandomBatches(tiny_config, 1), 2,
+                           max_steps=2)
+  assert int(state.step) == 2
