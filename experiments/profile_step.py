@@ -43,7 +43,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mstkd_jax import parallel, train  # noqa: E402
+from mstkd_jax import compile_cache, parallel, train  # noqa: E402
 from mstkd_jax.models import build  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -180,6 +180,7 @@ def summarise(events, instructions, computations, top):
 def main(argv):
   del argv
   config = FLAGS.config
+  compile_cache.enable()
   steps_per_epoch = 100
   mesh = parallel.make_mesh(jax.devices()[:1])
   abstract = build.abstract_state(config, steps_per_epoch)

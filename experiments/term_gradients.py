@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mstkd_jax import checkpoint, losses, modalities, optim, step  # noqa: E402
+from mstkd_jax import checkpoint, compile_cache, losses, modalities, optim, step  # noqa: E402
 from mstkd_jax.data import pipeline  # noqa: E402
 from mstkd_jax.models import build  # noqa: E402
 
@@ -79,6 +79,7 @@ def main(argv=None):
                   help='modality subsets the student sees (each batch is measured under each)')
   ap.add_argument('--out', help='also write the JSON lines to this file')
   args = ap.parse_args(argv)
+  compile_cache.enable()
 
   config = checkpoint.load_config(args.workdir)
   dataset = pipeline.prepare(config, args.workdir, progress=False)

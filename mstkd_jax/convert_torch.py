@@ -53,7 +53,7 @@ import numpy as np
 from absl import flags, logging
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax import cli, configs
+from mstkd_jax import cli, compile_cache, configs
 from mstkd_jax.models import build
 
 NETWORK_KEYS = {'student': 'model_missing', 'teacher': 'model_full'}
@@ -346,6 +346,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   config = cli.config_flag('config')
+  compile_cache.enable()
   try:
     out = convert(f.state_dict, config, f.out, which=f.which, allow_pickle=f.allow_pickle,
                   overwrite=f.overwrite)

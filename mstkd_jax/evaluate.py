@@ -48,6 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import compile_cache
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import report
 from mstkd_jax.data import pipeline
@@ -155,10 +156,12 @@ class Inference:
   def _call(self, variables, batch):
     if self.compile_seconds is None:
       t0 = time.time()
-      out = np.asarray(self._fn(variables, batch))
+      with compile_cache.timed('the evaluation forward pass', log=False) as tally:
+        out = np.asarray(self._fn(variables, batch))
       self.compile_seconds = time.time() - t0
-      logging.info('evaluation forward pass compiled and run once in %.1f s (batch %d of %s)',
-                   self.compile_seconds, self.batch_size, self.window)
+      logging.info('the evaluation forward pass (batch %d of %s): %s; ready and run once in '
+                   '%.1f s', self.batch_size, self.window, compile_cache.describe(tally),
+                   self.compile_seconds)
       return out
     return np.asarray(self._fn(variables, batch))
 

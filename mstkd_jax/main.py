@@ -26,7 +26,8 @@ import sys
 from absl import flags, logging
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax import cli, configs, evaluate, export, logging_utils, parallel, run, train
+from mstkd_jax import (cli, compile_cache, configs, evaluate, export, logging_utils, parallel,
+                       run, train)
 
 FLAGS = flags.FLAGS
 
@@ -63,6 +64,7 @@ def main(argv):
   if not FLAGS.verbose_libraries:
     logging_utils.quiet_libraries()
   config = workdir_config(cli.config_flag('config'), FLAGS.workdir, FLAGS.mode)
+  compile_cache.enable()
   guard = cli.FolderGuard(FLAGS.workdir)
   try:
     run_mode(config)

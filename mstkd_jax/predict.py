@@ -88,6 +88,7 @@ import numpy as np
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import cli
+from mstkd_jax import compile_cache
 from mstkd_jax import configs
 from mstkd_jax import evaluate
 from mstkd_jax import model_facts
@@ -805,6 +806,7 @@ def _print_expected(model, record):
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  compile_cache.enable()
   args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}

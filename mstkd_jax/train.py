@@ -27,10 +27,12 @@ import numpy as np
 from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import compile_cache
 from mstkd_jax import host_memory
 from mstkd_jax import optim
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
+from mstkd_jax.data import layouts
 from mstkd_jax.models import build
 from mstkd_jax.fileio import write_text_atomic
 from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
@@ -84,14 +86,20 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   device of each, brought to the host and copied to the devices, so that every process
   computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
   jax.random's values do not depend on how an array is sharded, so both give the same state.
+  The program comes from the persistent compilation cache when an earlier run compiled it
+  (logged: compiled or loaded, and how long).
   """
-  init = functools.partial(build.init_state, config, steps_per_epoch=steps_per_epoch)
+  init = build.init_function(config, steps_per_epoch)
   if shardings is None:
     shardings = state_shardings(config, mesh, build.abstract_state(config, steps_per_epoch))
-  if jax.process_count() == 1:
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-  host = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
-  return parallel.host_to_global(host, shardings)
+  rng = jax.random.key(config.seed)
+  single = jax.process_count() == 1
+  with compile_cache.timed('the initialisation program'):
+    lowered = jax.jit(init, out_shardings=shardings if single else None).lower(rng)
+    compiled = lowered.compile(compiler_options=build.INIT_COMPILER_OPTIONS)
+  if single:
+    return compiled(rng)
+  return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
 
 
 def frozen_teacher_network(config):
@@ -134,11 +142,24 @@ def with_frozen_teacher(config, state, shardings):
 
 
 def batch_struct(config, global_batch_size, mesh):
+  """The step's batch: image float32 [B, H, W, D, 4], one-hot label uint8 [B, H, W, D, C]."""
   shape = build.input_shape(config, global_batch_size)
   label_shape = shape[:-1] + (config.model.num_classes,)
   sharding = parallel.batch_sharding(mesh)
   return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
-          'label': jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=sharding)}
+          'label': jax.ShapeDtypeStruct(label_shape, layouts.TRAIN_LABEL_DTYPE,
+                                        sharding=sharding)}
+
+
+def as_step_batch(batch):
+  """A batch in the step's types: one-hot labels given as float (0/1) become uint8."""
+  label = np.asarray(batch['label'])
+  if label.dtype != layouts.TRAIN_LABEL_DTYPE:
+    converted = label.astype(layouts.TRAIN_LABEL_DTYPE)
+    if not np.array_equal(converted, label):
+      raise ValueError('training labels must be one-hot 0/1 values')
+    batch = {**batch, 'label': converted}
+  return batch
 
 
 # Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
@@ -293,8 +314,9 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   """Runs training from ``train_iter`` until ``epochs * steps_per_epoch`` steps (or
   ``max_steps``).
 
-  ``train_iter`` yields {'image', 'label'} NumPy batches of this process's share of the global
-  batch (``batch_size_per_device x local devices``); with ``get_state`` / ``set_state`` its
+  ``train_iter`` yields {'image' float32, 'label' one-hot uint8 (0/1 floats are converted)}
+  NumPy batches of this process's share of the global batch (``batch_size_per_device x local
+  devices``; ``batch_struct``); with ``get_state`` / ``set_state`` its
   position is checkpointed too. ``validate(state, epoch) -> dict`` (optional) runs every
   ``eval_every_epochs`` epochs; its 'dice' entry chooses the best checkpoint. Every process
   runs this function. Returns the final state.
@@ -338,13 +360,13 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
         logging.info('metrics.jsonl: dropped %d record(s) of steps after %d (lost with the '
                      'interrupted run; they are logged again)', dropped, start)
   else:
-    logging.info('building the networks and initialising the train state (compiles the '
-                 'initialisation once: tens of seconds on a CPU)')
+    logging.info('building the networks and initialising the train state')
+    t0 = time.time()
     state = create_state(config, mesh, steps_per_epoch, shardings)
     if optim.teacher_is_frozen(config):
       state = with_frozen_teacher(config, state, shardings)
-    logging.info('fresh start: teacher %d, student %d, discriminator %d parameters',
-                 build.count_params(state.params['teacher']),
+    logging.info('fresh start in %.1f s: teacher %d, student %d, discriminator %d parameters',
+                 time.time() - t0, build.count_params(state.params['teacher']),
                  build.count_params(state.params['student']),
                  build.count_params(state.disc_params))
 
@@ -357,12 +379,12 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
 
   host_memory.trim()
   logging.info('compiling the training step (teacher, student, every loss, discriminator; '
-               'about a minute on a CPU, once per run)')
-  t0 = time.time()
-  compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
+               'about a minute on a CPU the first time, then loaded from the compilation cache)')
+  with compile_cache.timed('the training step', log=False) as tally:
+    compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
   host_memory.trim()
-  logging.info('compiled the training step in %.1f s (global batch %d on %d devices); %s',
-               time.time() - t0, global_bs, mesh.size, describe_memory(compiled))
+  logging.info('the training step (global batch %d on %d devices): %s; %s', global_bs,
+               mesh.size, tally.text, describe_memory(compiled))
   rng = parallel.replicated_key(config.seed + 1, mesh)
 
   writer = MetricWriter(workdir, enabled=parallel.is_main_process())
@@ -392,7 +414,7 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
       raise CheckpointSaveError(last_saved, manager, e) from e
 
   def fetch():
-    return parallel.global_batch(next(train_iter), mesh)
+    return parallel.global_batch(as_step_batch(next(train_iter)), mesh)
 
   try:
     with _StopRequest() as stop:
@@ -485,7 +507,7 @@ class RandomBatches:
     rs = np.random.RandomState([self.seed, index])
     image = rs.rand(*self.shape).astype(np.float32)
     classes = rs.randint(0, self.num_classes, size=self.shape[:-1])
-    label = np.eye(self.num_classes, dtype=np.float32)[classes]
+    label = np.eye(self.num_classes, dtype=layouts.TRAIN_LABEL_DTYPE)[classes]
     rows = slice(self.offset, self.offset + self.local)
     image, label = image[rows], label[rows]
     if index == self.nan_at:

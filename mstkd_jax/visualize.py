@@ -34,7 +34,7 @@ from matplotlib.patches import Patch
 import nibabel as nib
 import numpy as np
 
-from mstkd_jax import cli, evaluate
+from mstkd_jax import cli, compile_cache, evaluate
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import predict
 from mstkd_jax.data import layouts, pipeline, preprocess
@@ -405,6 +405,7 @@ flags.DEFINE_integer('slice', None, 'Axial slice (default: the one with the most
 
 def main(argv=None):
   """Runs the command on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  compile_cache.enable()
   args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   started = time.time()

@@ -9,6 +9,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The tests' own persistent compilation cache (tests/helpers_scale.py: ~/.cache/mstkd_jax/
+# xla_test_cache, or MSTKD_TEST_XLA_CACHE), for this process and every command the tests start,
+# set before jax is imported: a program compiles once per machine, and the commands' default
+# cache (mstkd_jax/compile_cache.py) is left alone. tests/test_compile_cache.py clears it for
+# its own processes.
+from tests.helpers_scale import xla_cache_dir  # pylint: disable=wrong-import-position
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', xla_cache_dir())
+
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests (deselect with -m "not slow")')

@@ -48,10 +48,10 @@ def test_batches_have_the_contracted_form(setup):
   batch = next(loader)
   assert set(batch) == {'image', 'label'}
   shape = (BATCH,) + tuple(cfg.data.input_shape) + (4,)
-  for key in ('image', 'label'):
-    assert batch[key].shape == shape and batch[key].dtype == np.float32
+  for key, dtype in (('image', np.float32), ('label', np.uint8)):
+    assert batch[key].shape == shape and batch[key].dtype == dtype
   label = batch['label']
-  assert set(np.unique(label)) <= {0.0, 1.0}
+  assert set(np.unique(label)) <= {0, 1}
   np.testing.assert_array_equal(label.sum(-1), 1)           # one channel per voxel
   np.testing.assert_array_equal(label[..., 3], 1 - label[..., :3].max(-1))
   assert np.isfinite(batch['image']).all()
@@ -145,6 +145,9 @@ def test_augmentation_matches_a_plain_reference():
     out_i = np.empty((16, 16, 12, 4), np.float32)
     out_l = np.empty_like(out_i)
     augment.assemble(image, codes, params, opts, out_i, out_l, chunk=3)
+    out_u8 = np.empty(out_i.shape, np.uint8)      # the training batches' label type
+    augment.assemble(image, codes, params, opts, np.empty_like(out_i), out_u8, chunk=3)
+    np.testing.assert_array_equal(out_u8, out_l)
     window = tuple(slice(o, o + s) for o, s in zip(params['offset'], opts.input_shape))
     ref, lab = image[window], codes[window]
     for axis, flip in enumerate(params['flips']):

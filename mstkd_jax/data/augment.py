@@ -7,7 +7,8 @@ optionally a small rotation, and a per-modality intensity scale and shift.
 
 ``assemble`` then reads the crop straight from the memory-mapped cache into the output batch
 slot (flips are negative strides of the same read), applies the intensity change in place, and
-writes the one-hot label with one table look-up. A rotation, when drawn, resamples the crop
+writes the one-hot label with one table look-up (uint8 in training batches: a quarter of the
+bytes of float32 to write, move between processes and copy to the accelerator). A rotation, when drawn, resamples the crop
 from the surrounding box (trilinear images, nearest-neighbour labels) so its corners hold real
 voxels where the box has them; it is much slower than the rest, hence ``rotation_prob``.
 """
@@ -115,11 +116,25 @@ def _as_voxels(arr):
   return arr.view(np.complex128)[..., 0]
 
 
-_ONEHOT_VOXELS = layouts.CODE_TO_ONEHOT.view(np.complex128)[:, 0]
+# One-hot rows of the label codes, each viewed as one element of its voxel's size, so that one
+# np.take writes a voxel's 4 channels: float32 (16 bytes) or uint8 (4 bytes) labels.
+_ONEHOT_VOXELS = {
+    np.dtype(np.float32): layouts.CODE_TO_ONEHOT.view(np.complex128)[:, 0],
+    np.dtype(np.uint8): layouts.CODE_TO_ONEHOT.astype(np.uint8).view(np.uint32)[:, 0],
+}
+
+
+def _label_voxels(out_label):
+  """(table, view): the one-hot table and the [..., 4] label as one element per voxel."""
+  table = _ONEHOT_VOXELS.get(out_label.dtype)
+  if table is None:
+    raise ValueError(f'labels must be float32 or uint8, not {out_label.dtype}')
+  return table, out_label.view(table.dtype)[..., 0]
 
 
 def assemble(image, codes, params, opts, out_image, out_label, chunk=8):
-  """Writes one augmented sample into out_image [H,W,D,4] and out_label [H,W,D,4] (float32).
+  """Writes one augmented sample into out_image [H,W,D,4] float32 and out_label [H,W,D,4] (one-hot,
+  float32 or uint8).
 
   image/codes: the cached box (memory-mapped arrays are fine; they are only read). The work is
   done in slabs of `chunk` rows along the first axis so that each slab is copied, scaled and
@@ -134,7 +149,7 @@ def assemble(image, codes, params, opts, out_image, out_label, chunk=8):
   img = _flip_view(_as_voxels(img), params['flips'])
   lab = _flip_view(lab, params['flips'])
   out_voxels = _as_voxels(out_image)
-  out_onehot = _as_voxels(out_label)
+  onehot_table, out_onehot = _label_voxels(out_label)
   depth = size[2]
   scale = np.tile(np.asarray(params['scale'], np.float32), depth)
   shift = np.tile(np.asarray(params['shift'], np.float32), depth)
@@ -149,4 +164,4 @@ def assemble(image, codes, params, opts, out_image, out_label, chunk=8):
     if do_shift:
       # Background (0) stays 0, as does an absent modality.
       np.add(slab, shift, out=slab, where=slab != 0)
-    np.take(_ONEHOT_VOXELS, np.ascontiguousarray(lab[rows]), out=out_onehot[rows])
+    np.take(onehot_table, np.ascontiguousarray(lab[rows]), out=out_onehot[rows])

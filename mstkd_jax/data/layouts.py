@@ -36,6 +36,10 @@ BACKGROUND, CORE, EDEMA, ENHANCING, CAVITY = 0, 1, 2, 3, 4
 CODE_TO_CHANNEL = np.array([3, 0, 1, 2, 3], np.int64)
 # One-hot rows for the four output channels, indexed by canonical code.
 CODE_TO_ONEHOT = np.eye(4, dtype=np.float32)[CODE_TO_CHANNEL]
+# The one-hot labels of training batches: 0/1 in uint8 (exact, a quarter of float32's bytes to
+# build, pass between processes and copy to the accelerator; the training step computes in
+# float32).
+TRAIN_LABEL_DTYPE = np.uint8
 REGIONS = ('WT', 'TC', 'ET')
 REGION_CODES = {'WT': (CORE, EDEMA, ENHANCING), 'TC': (CORE, ENHANCING), 'ET': (ENHANCING,)}
 

@@ -14,8 +14,9 @@ cache. A run's data is one object, built once:
     cases.
 ``make_train_loader(dataset, batch_size, seed, process_index=0, process_count=1,
                     worker_count=None, threads=None) -> TrainIterator``
-    An infinite iterator of ``{'image': float32 [B,H,W,D,4], 'label': float32 [B,H,W,D,4]}``
-    (H, W, D = ``config.data.input_shape``; label channels NETC/NCR, SNFH/ED, ET, background).
+    An infinite iterator of ``{'image': float32 [B,H,W,D,4], 'label': uint8 [B,H,W,D,4]}``
+    (H, W, D = ``config.data.input_shape``; one-hot label channels NETC/NCR, SNFH/ED, ET,
+    background; uint8 to save bytes, the training step computes in float32).
     This process reads the training cases ``process_index::process_count``; epochs repeat with a
     new shuffle. ``get_state() -> bytes`` / ``set_state(bytes)`` save and restore the position
     (a step count: the batches are a pure function of (seed, step), independent of the worker
@@ -332,10 +333,10 @@ class AssembleBatch:
   def __init__(self, opts):
     self.opts = opts
 
-  def _empty(self, shape):
+  def _empty(self, shape, dtype):
     if not _IN_WORKER[0]:
-      return np.empty(shape, np.float32)
-    arr = grain.multiprocessing.SharedMemoryArray(shape, np.float32)
+      return np.empty(shape, dtype)
+    arr = grain.multiprocessing.SharedMemoryArray(shape, dtype)
     try:
       # Fault in all pages with one call (Linux >= 5.14): fresh shared memory costs a page
       # fault per 4 KiB otherwise.
@@ -346,7 +347,7 @@ class AssembleBatch:
 
   def __call__(self, records):
     shape = (len(records),) + tuple(self.opts.input_shape) + (4,)
-    image, label = self._empty(shape), self._empty(shape)
+    image, label = self._empty(shape, np.float32), self._empty(shape, layouts.TRAIN_LABEL_DTYPE)
     for b, rec in enumerate(records):
       img, codes = _open_entry(rec['entry'])
       augment.assemble(img, codes, rec['params'], self.opts, image[b], label[b])

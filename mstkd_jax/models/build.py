@@ -3,6 +3,7 @@
   network_from_config / discriminator_from_config   the Flax modules
   input_shape                                       (N, H, W, D, 4) of a config
   TrainState, init_state, abstract_state            the train state, fresh or as shapes only
+  init_function                                     init_state bound to a config (traced once)
   network_struct                                    one network's {'params', 'batch_stats'}
                                                     shapes (an Orbax restore target)
   network_variables                                 one network's variables out of a TrainState
@@ -27,7 +28,7 @@ from mstkd_jax.models.discriminator import StyleDiscriminator
 from mstkd_jax.models.mstkdnet import network_from_config
 
 __all__ = ['TrainState', 'network_from_config', 'discriminator_from_config', 'input_shape',
-           'init_state', 'abstract_state', 'network_struct', 'network_variables',
+           'init_state', 'init_function', 'abstract_state', 'network_struct', 'network_variables',
            'predict_probs', 'count_params']
 
 
@@ -63,6 +64,15 @@ def _initialisation_rng():
   return switch(False) if switch is not None else contextlib.nullcontext()
 
 
+# XLA options for compiling the initialisation program. Its compile time grows with the number
+# of parameter arrays (each draws its own random numbers), not with their size, and it runs
+# once: LLVM's -O1 instead of -O3 compiles it about a fifth faster (tiny config 28 s against
+# 38 s, full size 151 s against 192 s on a loaded 2-core machine) and gives bit-identical
+# weights on the CPU (tests/test_init.py); it does not slow the run (experiments/RESULTS_speed.md,
+# section 7). -O0 would halve the compile but changes the weights in the last bits.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
 def init_state(config, rng, steps_per_epoch) -> TrainState:
   """Fresh parameters for teacher, student and discriminator (run it under jax.jit)."""
   with _initialisation_rng():
@@ -84,12 +94,28 @@ def init_state(config, rng, steps_per_epoch) -> TrainState:
         disc_opt_state=optim.discriminator_optimizer(config).init(d_params))
 
 
+# One bound initialisation per (config, steps per epoch) in this process; see init_function.
+_INIT_FUNCTIONS = {}
+
+
+def init_function(config, steps_per_epoch):
+  """``init_state`` with ``config`` and ``steps_per_epoch`` bound: ``fn(rng) -> TrainState``.
+
+  The same object for the same config: jax caches a function's trace by the function object,
+  so ``abstract_state`` (eval_shape) and the jitted initialisation share one trace of the
+  networks (seconds on a CPU) instead of tracing them twice.
+  """
+  key = (config.to_json_best_effort(sort_keys=True), int(steps_per_epoch))
+  if key not in _INIT_FUNCTIONS:
+    _INIT_FUNCTIONS[key] = functools.partial(init_state, config,
+                                             steps_per_epoch=int(steps_per_epoch))
+  return _INIT_FUNCTIONS[key]
+
+
 def abstract_state(config, steps_per_epoch=1) -> TrainState:
   """Shapes and dtypes of the state, without computing anything (``steps_per_epoch`` only
   enters the learning-rate schedule, not the shapes)."""
-  return jax.eval_shape(functools.partial(init_state, config,
-                                          steps_per_epoch=steps_per_epoch),
-                        jax.random.key(0))
+  return jax.eval_shape(init_function(config, steps_per_epoch), jax.random.key(0))
 
 
 def network_struct(config):

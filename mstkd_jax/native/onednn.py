@@ -10,9 +10,9 @@ backward pass is oneDNN's backward-data and backward-weights primitives).
 The C++ handlers (``onednn_conv3d.cc`` beside this file) are compiled with the system's C++
 compiler against oneDNN from the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels
 (requirements.txt) and jaxlib's XLA FFI headers, on first use, into a cache folder
-(``$MSTKD_NATIVE_CACHE`` or ``~/.cache/mstkd_jax/native``); later processes load the built
-library. Before first use each data type is checked once against ``lax.conv_general_dilated``
-on a small case.
+(``$MSTKD_NATIVE_CACHE``, else ``native/`` under ``$MSTKD_CACHE_DIR`` or
+``~/.cache/mstkd_jax``); later processes load the built library. Before first use each data
+type is checked once against ``lax.conv_general_dilated`` on a small case.
 
 ``$MSTKD_CONV`` chooses: ``auto`` (default: oneDNN on the CPU backend when it builds and passes
 that check; otherwise, with one log line saying why, XLA's convolution), ``xla`` (never
@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from absl import logging
+
+from mstkd_jax import compile_cache
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv3d.cc')
 TARGETS = {'mstkd_conv3d_fwd': 'MstkdConv3dForward',
@@ -70,8 +72,8 @@ def _onednn_prefix():
 
 
 def _cache_dir():
-  return os.environ.get('MSTKD_NATIVE_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'mstkd_jax', 'native')
+  return os.environ.get('MSTKD_NATIVE_CACHE') or os.path.join(compile_cache.cache_root(),
+                                                              'native')
 
 
 def _compiler():
