@@ -17,8 +17,9 @@ For every finished run ``<out>/fold<k>[_seed<s>]/<variant>`` (its final checkpoi
      of the same recipe): every case's result comes from a rule that never saw it;
    * ``train``: the run's own 15 training cases (the same network; what a user who has no
      held-out cases could do);
-   each with single subsets only (``-single``) or with the ensembles too (``-ens``), and
-   ``crossfit-ens-margin`` (a candidate must beat all available scans by 2 Dice points).
+   each with single subsets only (``-single``), with the ensembles too (``-ens``), and with
+   the ensembles but only where the table's per-case gain is outside its noise (95 % interval
+   above 0: ``-ens-sig``).
 3. Scores: each rule applied to the run's test cases for the 15 available sets (regions nested
    as prediction writes them), Dice and HD95 (``<workdir>/eval/selection_<rule>.csv``, the
    per_case.csv layout with 'subset' = the available scans); the rule 'default' (every region
@@ -46,16 +47,20 @@ from mstkd_jax import report  # noqa: E402
 from mstkd_jax import subset_selection as sel  # noqa: E402
 from mstkd_jax.modalities import ALL_SUBSETS, subset_name  # noqa: E402
 
-RULES = ('crossfit-single', 'crossfit-ens', 'crossfit-ens-margin', 'train-single', 'train-ens')
-MARGIN = 0.02
+RULES = ('crossfit-single', 'crossfit-ens', 'crossfit-ens-sig', 'train-single', 'train-ens',
+         'train-ens-sig')
 
 
 class LoadedRun:
   """A finished run's config, student (placed for inference), inference and data, read on
-  first use (``get``)."""
+  first use (``get``). The split and the preprocessing cache are those of ``<out>``
+  (compare_variants' layout), whatever paths the run's config.json recorded (so that a run
+  copied from another folder reads nothing outside ``<out>``)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, out, fold):
     self.workdir = workdir
+    self.split_file = os.path.join(out, f'split_fold{fold}.json')
+    self.cache_dir = os.path.join(out, 'cache')
     self._parts = None
 
   def get(self):
@@ -64,6 +69,8 @@ class LoadedRun:
       from mstkd_jax import evaluate
       from mstkd_jax.data import pipeline
       config = ckpt.load_config(self.workdir)
+      config.data.split_file = self.split_file
+      config.data.cache_dir = self.cache_dir
       loaded = ckpt.load_networks(config, self.workdir, 'latest', names=('student',))
       inference = evaluate.get_inference(config)
       dataset = pipeline.prepare(config, self.workdir, splits=('train', 'val', 'test'),
@@ -118,12 +125,13 @@ def make_rules(run, runs, tables):
   cross = sel.table_from_rows([row for r in others for row in tables[r[3]]['test']])
   own = sel.table_from_rows(tables[run[3]]['train'])
   rules = {'default': sel.default_rule()}
+  sources = [('train', own, 'own training cases')]
   if cross:
-    rules['crossfit-single'] = sel.choose(cross, 0.0, False, {'from': 'other folds'})
-    rules['crossfit-ens'] = sel.choose(cross, 0.0, True, {'from': 'other folds'})
-    rules['crossfit-ens-margin'] = sel.choose(cross, MARGIN, True, {'from': 'other folds'})
-  rules['train-single'] = sel.choose(own, 0.0, False, {'from': 'own training cases'})
-  rules['train-ens'] = sel.choose(own, 0.0, True, {'from': 'own training cases'})
+    sources.insert(0, ('crossfit', cross, 'other folds'))
+  for prefix, table, where in sources:
+    rules[f'{prefix}-single'] = sel.choose(table, 0.0, False, {'from': where})
+    rules[f'{prefix}-ens'] = sel.choose(table, 0.0, True, {'from': where})
+    rules[f'{prefix}-ens-sig'] = sel.choose(table, 0.0, True, {'from': where}, confidence=0.95)
   return rules
 
 
@@ -231,6 +239,8 @@ def main(argv=None):
   parser.add_argument('--folds', type=int, default=5)
   parser.add_argument('--only-folds', default='')
   parser.add_argument('--seeds', default='0')
+  parser.add_argument('--tables-only', action='store_true',
+                      help='only write the candidate tables of the finished runs (step 1)')
   parser.add_argument('--report', default='selection_report',
                       help='file name (without extension) of the report in --out')
   args = parser.parse_args(argv)
@@ -244,14 +254,19 @@ def main(argv=None):
     if not runs:
       print(f'{variant}: no finished runs')
       continue
-    tables = {r[3]: candidate_tables(LoadedRun(r[3])) for r in runs}
+    tables = {r[3]: candidate_tables(LoadedRun(r[3], args.out, r[0])) for r in runs}
+    if args.tables_only:
+      print(f'{variant}: candidate tables of {len(runs)} runs written')
+      continue
     scored = {}
     for run in runs:
       rules = make_rules(run, runs, tables)
-      scored[run] = score_rules(LoadedRun(run[3]), rules)
+      scored[run] = score_rules(LoadedRun(run[3], args.out, run[0]), rules)
       check_default(run[3], scored[run]['default'])
       print(f'[selection] {run[3]}: {len(rules)} rules scored', flush=True)
     result[variant] = summarise(runs, scored)
+  if args.tables_only:
+    return 0
   path = os.path.join(args.out, args.report)
   with open(path + '.json', 'w') as f:
     json.dump(result, f, indent=1)

@@ -109,10 +109,13 @@ def table_from_rows(rows) -> Dict[Tuple[str, Candidate, str], float]:
   return {k: float(np.mean(v)) for k, v in values.items()}
 
 
-def choose(table, min_gain: float = 0.0, ensembles: bool = True, source=None) -> dict:
+def choose(table, min_gain: float = 0.0, ensembles: bool = True, source=None,
+           confidence: Optional[float] = None) -> dict:
   """The rule (see the module doc) from a ``table_from_rows`` table. For each available set
   and region the candidate with the highest mean Dice over the cases that have it and the
-  default (all of the available scans) is chosen if its mean gain exceeds ``min_gain``."""
+  default (all of the available scans) is chosen if its mean gain exceeds ``min_gain``; with
+  ``confidence`` (e.g. 0.95) only candidates whose Student-t interval of the per-case gain
+  lies above ``min_gain`` compete (a change the table shows outside its noise)."""
   if not table:
     raise ValueError('an empty table: nothing to choose from')
   by_key = {}
@@ -133,7 +136,10 @@ def choose(table, min_gain: float = 0.0, ensembles: bool = True, source=None) ->
         cases = [c for c in scores if c in base]
         if not cases:
           continue
-        gain = float(np.mean([scores[c] - base[c] for c in cases]))
+        diffs = [scores[c] - base[c] for c in cases]
+        gain = float(np.mean(diffs))
+        if confidence is not None and not mean_interval(diffs, confidence)[1] > min_gain:
+          continue
         if gain > best_gain:
           best, best_gain = cand, gain
       if best_gain <= min_gain:
@@ -142,7 +148,14 @@ def choose(table, min_gain: float = 0.0, ensembles: bool = True, source=None) ->
       gains[name][region] = best_gain
   return {'format': FORMAT, 'rules': rules, 'gains': gains,
           'source': dict(source or {}, min_gain=min_gain, ensembles=ensembles,
+                         confidence=confidence,
                          num_cases=len({k[0] for k in table}))}
+
+
+def mean_interval(values, confidence=0.95):
+  """(mean, low, high) of the Student-t interval (scipy.stats.t); nan bounds below 2 values."""
+  from mstkd_jax.report import mean_interval as interval
+  return interval(values, confidence)
 
 
 def default_rule() -> dict:

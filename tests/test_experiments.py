@@ -92,8 +92,8 @@ def test_compare_variants_smoke(tmp_path):
                '--variants', 'mstkd'], timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((out / 'selection_report.json').read_text())['mstkd']
-  assert set(result) == {'default', 'crossfit-single', 'crossfit-ens', 'crossfit-ens-margin',
-                         'train-single', 'train-ens'}
+  assert set(result) == {'default', 'crossfit-single', 'crossfit-ens', 'crossfit-ens-sig',
+                         'train-single', 'train-ens', 'train-ens-sig'}
   assert result['crossfit-ens']['paired']['mean_15']['WT']['cases'] == 8
   fold0 = out / 'fold0' / 'mstkd' / 'eval'
   for split in ('train', 'val', 'test'):

@@ -45,6 +45,19 @@ def test_choose_takes_a_better_sub_subset_only_where_it_is_available():
   assert rule['source']['num_cases'] == 3
 
 
+def test_confidence_keeps_only_gains_outside_the_noise():
+  rows = _rows({('T1Gd+T2', 'ET'): 0.7})
+  for r in rows:                       # T2 alone: better on average, but on one case only
+    if r['subset'] == 'T2' and r['region'] == 'WT':
+      r['dice'] = 0.95 if r['case'] == 'a' else 0.45
+  table = sel.table_from_rows(rows)
+  assert sel.choose(table, ensembles=False)['rules']['T1Gd+T2']['WT'] == ['T2']
+  strict = sel.choose(table, ensembles=False, confidence=0.95)
+  assert strict['rules']['T1Gd+T2']['WT'] == ['T1Gd+T2']
+  assert strict['rules'][ALL4]['ET'] == ['T1Gd+T2']      # steady over the cases: kept
+  assert strict['source']['confidence'] == 0.95
+
+
 def test_ensembles_are_candidates_only_when_asked():
   ens = sel.candidate_name(sel.ensemble_candidates(FULL)[0])
   table = sel.table_from_rows(_rows({(ens, 'WT'): 0.8}))
