@@ -26,6 +26,10 @@ Report (``<out>/report.md``, ``<out>/report.json``, ``<out>/paired.png``):
     seed-to-seed standard deviation within a fold (pooled over folds);
   * per run (fold and seed) and variant: the 15-subset mean Dice of the fold's test cases;
   * per variant and subset: mean Dice over all test cases;
+  * per variant, dominance (``mstkd_jax.report.dominance``): how many of the 28 steps "subset
+    -> subset plus one modality" lower the mean Dice of a region over the test cases (a case
+    tested under several seeds counts once, its Dice averaged), how many outside the noise,
+    the worst step, and all four modalities against the best subset;
   * paired comparison of each variant against ``--baseline`` (default ``plain``): per test case
     the difference of the 15-subset mean (and per subset the difference), its mean over the
     cases and a 95 % confidence interval (Student t over cases; every case is tested in one
@@ -49,7 +53,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mstkd_jax.report import SUBSET_NAMES, TEACHER_SUBSET  # noqa: E402
+from mstkd_jax.report import (SUBSET_NAMES, TEACHER_SUBSET, dominance,  # noqa: E402
+                              dominance_flags)
 
 REGIONS = ('WT', 'TC', 'ET')
 # Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (then 1.96).
@@ -214,6 +219,7 @@ def summarise(runs, variants, baseline):
       if r['subset'] in per_subset:
         per_subset[r['subset']][r['region']].append(r['dice'])
     rows_by[v] = rows_all
+    report.setdefault('dominance', {})[v] = dominance(rows_all)
     report['variants'][v] = {
         'runs': len(vruns),
         'per_run': per_run,
@@ -336,6 +342,22 @@ def markdown(report, args):
     cells = [' / '.join(_pct(s['per_subset_dice'][subset][r]) for r in REGIONS)
              for s in report['variants'].values()]
     lines.append(f'| {subset} | ' + ' | '.join(cells) + ' |')
+  if report.get('dominance'):
+    lines += ['', '## Dominance: steps that add one modality and lower the mean Dice (of 28; '
+              'outside the noise: the 95 % interval over test cases below 0)', '',
+              '| variant | region | lower | outside the noise | mean of the lower | worst step | '
+              'all four minus best subset |', '|---|---|---:|---:|---:|---|---|']
+    for v, found in report['dominance'].items():
+      for region, e in found['regions'].items():
+        w = e['worst']
+        gap = ('-' if 'all_four_minus_best' not in e else
+               f"{100 * e['all_four_minus_best']:+.1f} ({e['best_subset']})")
+        lines.append(f"| {v} | {region} | {e['lower']} | {e['lower_outside_noise']} | "
+                     f"{100 * e['mean_of_lower']:+.1f} | {w['from']} +{w['added']}: "
+                     f"{100 * w['mean']:+.1f} | {gap} |")
+    flagged = [f'{v}: {line}' for v, found in report['dominance'].items()
+               for line in dominance_flags(found)]
+    lines += [''] + [f'Flag: {line}.' for line in flagged]
   for v, p in report['paired'].items():
     lines += ['', f'## Paired: {v} minus {args.baseline} (Dice points, 95 % CI over test cases; '
               'improved / worse cases)', '', '| subsets | WT | TC | ET |', '|---|---|---|---|']

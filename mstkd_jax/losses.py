@@ -36,6 +36,37 @@ def dice_loss(p, y):
   return jnp.sum(soft_dice_per_channel(p, y))
 
 
+def region_probs(p):
+  """Soft WT / TC / ET from the (N, H, W, D, C >= 3) channels NETC, SNFH, ET (independent
+  sigmoids) as soft unions: WT = 1 - (1-p0)(1-p1)(1-p2), TC = 1 - (1-p0)(1-p2), ET = p2; on
+  0/1 inputs exactly the regions of ``metrics.region_masks``. Returns (N, H, W, D, 3)."""
+  p = p.astype(jnp.float32)
+  netc, snfh, et = p[..., 0], p[..., 1], p[..., 2]
+  wt = 1.0 - (1.0 - netc) * (1.0 - snfh) * (1.0 - et)
+  tc = 1.0 - (1.0 - netc) * (1.0 - et)
+  return jnp.stack([wt, tc, et], axis=-1)
+
+
+def region_dice_per_sample(p, y):
+  """Soft Dice loss of WT / TC / ET per sample: 1 - 2 sum(r_p r_y) / (sum r_p^2 + sum r_y^2
+  + 1e-7), sums over H, W, D, with r = ``region_probs``. p, y: (N, H, W, D, C). Returns (N, 3)."""
+  rp, ry = region_probs(p), region_probs(y)
+  axes = tuple(range(1, rp.ndim - 1))
+  inter = jnp.sum(rp * ry, axes)
+  denom = jnp.sum(rp * rp, axes) + jnp.sum(ry * ry, axes) + _EPS
+  return 1.0 - 2.0 * inter / denom
+
+
+def superset_consistency_loss(p_large, p_small, y):
+  """Penalises a prediction from more modalities that is worse than one from fewer:
+  mean over samples of sum over regions of max(0, L_r(p_large) - sg(L_r(p_small))), L_r the
+  region Dice loss of ``region_dice_per_sample``. Only ``p_large`` receives a gradient (the
+  smaller input's score is the bar to reach, not something to lower)."""
+  large = region_dice_per_sample(p_large, y)
+  small = jax.lax.stop_gradient(region_dice_per_sample(p_small, y))
+  return jnp.mean(jnp.sum(jax.nn.relu(large - small), axis=-1))
+
+
 def extreme_value_loss(attn_f: Sequence[jax.Array], attn_m: Sequence[jax.Array]):
   """L_EVD: extreme-value distillation of the kept attention maps.
 
@@ -152,12 +183,16 @@ def distillation_scale(epoch, delay_epochs=0.0, ramp_epochs=0.0):
   return jnp.clip(e / ramp_epochs, 0.0, 1.0)
 
 
-def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
+def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg, neighbour=None) -> Dict[str, jax.Array]:
   """The network objective and its terms.
 
   L = L_dice + r(epoch) [lambda1 (alpha L_EVD + beta L_MST) + lambda2 (w(epoch) L_mse + L_KL)
-      + lambda3 (epsilon L_adv + theta L_style) + content_weight L_content],
+      + lambda3 (epsilon L_adv + theta L_style) + content_weight L_content]
+      + superset_weight L_superset,
   r = ``distillation_scale`` (1 unless ``cfg.distill_delay_epochs`` / ``distill_ramp_epochs``).
+  L_superset (not in the paper; ``cfg.superset_weight``, 0 by default) needs ``neighbour`` =
+  (student probabilities on a subset one modality away from the student's, is_superset (N,)):
+  ``superset_consistency_loss`` with the larger of the two inputs as ``p_large``.
 
   out_f, out_m: NetworkOutputs of teacher and student; y: (N, H, W, D, C) targets;
   d_logits_m: the discriminator's logits on the student's style map (or None when
@@ -199,6 +234,14 @@ def total_loss(out_f, out_m, y, d_logits_m, epoch, cfg) -> Dict[str, jax.Array]:
   if cfg.content_weight:
     terms['content'] = content_loss(sg(out_f.content), out_m.content)
 
+  if cfg.get('superset_weight', 0.0):
+    if neighbour is None:
+      raise ValueError('loss.superset_weight needs the student on a neighbouring subset')
+    p_nb, is_superset = neighbour
+    pick = lambda a, b: jnp.where(is_superset[:, None, None, None, None], a, b)
+    terms['superset'] = superset_consistency_loss(pick(p_nb, out_m.probs),
+                                                  pick(out_m.probs, p_nb), y)
+
   if cfg.get('distill_delay_epochs', 0.0) or cfg.get('distill_ramp_epochs', 0.0):
     terms['distill_scale'] = distillation_scale(epoch, cfg.get('distill_delay_epochs', 0.0),
                                                 cfg.get('distill_ramp_epochs', 0.0))
@@ -225,4 +268,6 @@ def weighted_terms(terms, cfg) -> Dict[str, jax.Array]:
     parts['style'] = r * cfg.lambda_gsme * cfg.style_theta * terms['style']
   if cfg.content_weight:
     parts['content'] = r * cfg.content_weight * terms['content']
+  if cfg.get('superset_weight', 0.0):          # not distillation: r does not scale it
+    parts['superset'] = cfg.superset_weight * terms['superset']
   return parts

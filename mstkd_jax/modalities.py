@@ -9,7 +9,8 @@ modality names joined by ``+`` (``'FLAIR+T1Gd'``, any name of ``ALIASES``); ``'f
 ``'1111'``.
 
 To add a modality-dropout scheme, change ``draw_masks`` (the training step calls it with the
-step's key) or give ``train.subsets``.
+step's key) or give ``train.subsets`` (a repeated entry weights it) or
+``train.subset_weighting`` ('size': subsets with more modalities drawn more often).
 """
 
 import itertools
@@ -98,11 +99,42 @@ def subset_masks(subsets: Optional[Sequence[Subset]] = None) -> np.ndarray:
   return np.asarray(ALL_SUBSETS if not subsets else tuple(subsets), dtype=np.float32)
 
 
-def draw_masks(rng, batch_size: int, masks) -> jax.Array:
-  """Modality dropout of the training step: one subset per sample, uniformly among the rows
-  of ``masks`` (S, 4). Returns (N, 4) float32."""
-  idx = jax.random.randint(rng, (batch_size,), 0, masks.shape[0])
+SUBSET_WEIGHTINGS = ('uniform', 'size')
+
+
+def subset_probabilities(masks, weighting: str = 'uniform') -> Optional[np.ndarray]:
+  """Sampling probabilities of the rows of ``masks`` (S, 4): None for 'uniform' (1/S each),
+  for 'size' p_s = |s| / sum_t |t| with |s| the number of modalities present (over the 15
+  subsets: each single modality 1/32, each pair 2/32, each triple 3/32, all four 4/32)."""
+  if weighting == 'uniform':
+    return None
+  if weighting != 'size':
+    raise ValueError(f'train.subset_weighting {weighting!r}: use one of {SUBSET_WEIGHTINGS}')
+  sizes = np.asarray(masks, np.float64).sum(axis=1)
+  return (sizes / sizes.sum()).astype(np.float32)
+
+
+def draw_masks(rng, batch_size: int, masks, probabilities=None) -> jax.Array:
+  """Modality dropout of the training step: one subset per sample among the rows of ``masks``
+  (S, 4), uniformly, or with ``probabilities`` (S,) when given. Returns (N, 4) float32."""
+  if probabilities is None:
+    idx = jax.random.randint(rng, (batch_size,), 0, masks.shape[0])
+  else:
+    idx = jax.random.choice(rng, masks.shape[0], (batch_size,), p=jnp.asarray(probabilities))
   return jnp.asarray(masks)[idx]
+
+
+def neighbour_masks(rng, masks) -> Tuple[jax.Array, jax.Array]:
+  """For each row of ``masks`` (N, 4), a subset that differs by one modality: the row plus one
+  of its absent modalities (uniformly), or, for the full input, minus one of its four.
+  Returns (neighbours (N, 4) float32, is_superset (N,) bool: the neighbour has one more)."""
+  masks = jnp.asarray(masks, jnp.float32)
+  full = jnp.all(masks > 0, axis=1)
+  # Candidates to flip: the absent channels, or all four for a full row; pick one uniformly.
+  candidates = jnp.where(full[:, None], 1.0, 1.0 - masks)
+  noise = jax.random.uniform(rng, masks.shape)
+  flip = jax.nn.one_hot(jnp.argmax(jnp.where(candidates > 0, noise, -1.0), axis=1), 4)
+  return jnp.abs(masks - flip), ~full
 
 
 def apply_masks(image, masks):

@@ -7,6 +7,12 @@ and the tables can be regenerated from ``per_case.csv`` alone:
     python -m mstkd_jax.report per_case.csv --markdown # table.md text
     python -m mstkd_jax.report per_case.csv --out DIR  # rewrite summary.json and table.md
 
+Every report also says where the network gets worse when it is given more: ``dominance``
+takes each of the 28 steps "subset -> the subset plus one modality" per region, the per-case
+change of Dice and its 95 % interval over cases, and flags the steps that lower Dice outside the
+noise and a full input that scores below a smaller subset (``summary['dominance']``, a section
+under each table).
+
 Dice is stored as a fraction in [0, 1] (CSV, JSON) and shown in % in the tables; HD95 in mm.
 Subsets are named as in ``subsets.subset_name`` ('FLAIR+T1Gd'); rows of the full-modality
 teacher, when recorded, use the subset name ``TEACHER_SUBSET``.
@@ -20,10 +26,11 @@ import sys
 
 from absl import flags
 import numpy as np
+from scipy import stats
 
 from mstkd_jax import cli
 from mstkd_jax.metrics import BRATS_EMPTY_HD95, REGIONS
-from mstkd_jax.modalities import ALL_SUBSETS, parse_subset, subset_name
+from mstkd_jax.modalities import ALL_SUBSETS, FULL, MODALITIES, parse_subset, subset_name
 
 CSV_COLUMNS = ('case', 'subset', 'region', 'dice', 'hd95')
 TEACHER_SUBSET = 'teacher(all)'
@@ -139,7 +146,197 @@ def summarize(rows, convention=UNSTATED):
   }
   if TEACHER_SUBSET in groups:
     summary['teacher'] = region_means(groups[TEACHER_SUBSET])
+  found = dominance(rows)
+  if found['steps']:
+    summary['dominance'] = found
   return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Dominance: where a subset with one more modality scores lower
+
+
+def _steps():
+  """(subset, added channel, superset) for every subset of ALL_SUBSETS short of the full input
+  and every modality it lacks: 12 + 12 + 4 = 28 steps."""
+  out = []
+  for subset in ALL_SUBSETS:
+    for m in range(len(MODALITIES)):
+      if not subset[m]:
+        out.append((subset, m, tuple(present or i == m for i, present in enumerate(subset))))
+  return out
+
+
+def mean_interval(values, confidence=0.95):
+  """(mean, low, high): the Student-t interval of the mean over ``values`` (scipy.stats.t);
+  low = high = nan below two values."""
+  values = np.asarray(values, np.float64)
+  mean = float(values.mean())
+  if len(values) < 2:
+    return mean, float('nan'), float('nan')
+  sem = float(values.std(ddof=1)) / math.sqrt(len(values))
+  if sem == 0.0:
+    return mean, mean, mean
+  low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+  return mean, float(low), float(high)
+
+
+def dice_table(rows):
+  """{(case, subset name, region): Dice} of per-case rows; rows repeated for a key (several
+  runs of one case) are averaged."""
+  values = {}
+  for row in rows:
+    subset = _canonical_subset(row['subset'])
+    values.setdefault((str(row['case']), subset, row['region']), []).append(float(row['dice']))
+  return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def dominance(rows):
+  """Where adding a modality lowers Dice, from per-case rows (case, subset, region, dice).
+
+  For each region and each of the 28 steps S -> S + m (``_steps``), the per-case difference
+  Dice(S + m) - Dice(S) over the cases that have both, its mean and 95 % Student-t interval
+  over cases; a step is 'lower' when the mean is below 0 and 'lower outside the noise' when
+  the whole interval is. (The cases of one evaluation share one trained network: the interval
+  says whether *this network* loses, not whether its recipe does.) Per region: counts, the
+  mean of the lowering steps, the worst step, the full input against the best subset; per
+  region and added modality: the mean change over its 7 steps. JSON-ready; Dice as fractions.
+  The best subset is the maximum of 14 noisy means: a full input a little below it is
+  expected by chance; ``subset_selection`` measures whether choosing it pays on new cases.
+  """
+  table = dice_table(rows)
+  cases = sorted({k[0] for k in table})
+  steps = []
+  for region in REGIONS:
+    for subset, m, superset in _steps():
+      small, large = subset_name(subset), subset_name(superset)
+      diffs = [table[(c, large, region)] - table[(c, small, region)] for c in cases
+               if (c, large, region) in table and (c, small, region) in table]
+      if not diffs:
+        continue
+      mean, low, high = mean_interval(diffs)
+      steps.append({'region': region, 'from': small, 'added': MODALITIES[m], 'to': large,
+                    'mean': mean, 'ci95': [low, high], 'cases': len(diffs),
+                    'worse_cases': int(sum(d < 0 for d in diffs)),
+                    'outside_noise': bool(high < 0 or low > 0)})
+  regions, added = {}, {}
+  for region in REGIONS:
+    mine = [s for s in steps if s['region'] == region]
+    if not mine:
+      continue
+    lower = [s for s in mine if s['mean'] < 0]
+    entry = {'steps': len(mine), 'lower': len(lower),
+             'lower_outside_noise': sum(s['outside_noise'] for s in lower),
+             'mean_of_lower': float(np.mean([s['mean'] for s in lower])) if lower else 0.0,
+             'worst': min(mine, key=lambda s: s['mean'])}
+    means = {name: np.mean([v for (c, n, r), v in table.items() if n == name and r == region])
+             for name in SUBSET_NAMES if any(k[1] == name and k[2] == region for k in table)}
+    full = subset_name(FULL)
+    if full in means and len(means) > 1:
+      best = max((n for n in means if n != full), key=lambda n: means[n])
+      entry.update(all_four=float(means[full]), best_subset=best,
+                   best_subset_dice=float(means[best]),
+                   all_four_minus_best=float(means[full] - means[best]))
+    regions[region] = entry
+    added[region] = {}
+    for name in MODALITIES:
+      theirs = [s for s in mine if s['added'] == name]
+      if theirs:
+        added[region][name] = {
+            'steps': len(theirs), 'mean_change': float(np.mean([s['mean'] for s in theirs])),
+            'lower': sum(s['mean'] < 0 for s in theirs),
+            'lower_outside_noise': sum(s['mean'] < 0 and s['outside_noise'] for s in theirs)}
+  return {'num_cases': len(cases), 'steps': steps, 'regions': regions, 'added': added}
+
+
+def dominance_flags(found):
+  """One sentence per region where more modalities score lower: the full input below a
+  smaller subset, or steps that lower Dice outside the noise."""
+  lines = []
+  for region, e in found.get('regions', {}).items():
+    parts = []
+    if e.get('all_four_minus_best', 0.0) < 0:
+      parts.append(f"all four {100 * e['all_four']:.1f} < {e['best_subset']} "
+                   f"{100 * e['best_subset_dice']:.1f}")
+    if e['lower_outside_noise']:
+      parts.append(f"{e['lower_outside_noise']}/{e['steps']} steps lower it (*)")
+    if parts:
+      lines.append(f'{region}: ' + '; '.join(parts))
+  return lines
+
+
+def _worst_cell(e):
+  w = e['worst']
+  star = ' *' if w['mean'] < 0 and w['outside_noise'] else ''
+  return f"{w['from']} +{w['added']} {100 * w['mean']:+.1f}{star}"
+
+
+def _dominance_rows(found):
+  """[[region, lower, lower*, mean fall, worst step, all four - best]] as strings."""
+  rows = []
+  for region, e in found['regions'].items():
+    gap = ('-' if 'all_four_minus_best' not in e else
+           f"{100 * e['all_four_minus_best']:+.1f} vs {e['best_subset']}")
+    rows.append([region, f"{e['lower']}/{e['steps']}", str(e['lower_outside_noise']),
+                 f"{100 * e['mean_of_lower']:+.1f}", _worst_cell(e), gap])
+  return rows
+
+
+def _added_rows(found):
+  rows = []
+  for region, by_modality in found['added'].items():
+    rows.append([region] + [
+        f"{100 * a['mean_change']:+.1f} ({a['lower']}/{a['steps']}, {a['lower_outside_noise']}*)"
+        if a else '-' for a in (by_modality.get(m) for m in MODALITIES)])
+  return rows
+
+
+_DOMINANCE_HEAD = ['Region', 'lower', 'lower*', 'mean fall', 'worst step', 'all four - best']
+_DOMINANCE_NOTE = ("Dominance over {n} cases: a step adds one modality to a subset (28 per "
+                   "region); 'lower': its mean Dice change is negative, '*': its 95 % interval "
+                   "over cases lies below 0 (outside the noise); Dice points.")
+
+
+def dominance_markdown(found):
+  """The dominance section of table.md (empty string when there is nothing to show)."""
+  if not found or not found.get('regions'):
+    return ''
+  lines = ['#### Dominance: does adding a modality lower Dice?', '',
+           _DOMINANCE_NOTE.format(n=found['num_cases']), '']
+  flagged = dominance_flags(found)
+  lines += [f'**Flag**: {line}.' for line in flagged] or ['No region is flagged.']
+  lines += ['', '| ' + ' | '.join(_DOMINANCE_HEAD) + ' |', '|---|---:|---:|---:|---|---|']
+  lines += ['| ' + ' | '.join(r) + ' |' for r in _dominance_rows(found)]
+  lines += ['', 'Mean change when each modality is added (over its 7 steps; lower / steps, '
+            'lower outside the noise):', '',
+            '| Region | ' + ' | '.join(f'+{m}' for m in MODALITIES) + ' |',
+            '|---|' + '---|' * len(MODALITIES)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in _added_rows(found)]
+  return '\n'.join(lines) + '\n'
+
+
+def dominance_text(found):
+  """The dominance section as plain text (lines of at most 80 characters)."""
+  if not found or not found.get('regions'):
+    return ''
+  lines = [f"Dominance over {found['num_cases']} cases (28 steps per region, each adds one "
+           'modality);',
+           "'lower': mean Dice change < 0; '*': its 95 % interval over cases is below 0."]
+  lines += [f'FLAG {line}' for line in dominance_flags(found)] or ['No region is flagged.']
+  rows = [['Region', 'lower', 'lower*', 'fall', 'worst step']] + [
+      r[:5] for r in _dominance_rows(found)]
+  widths = [max(len(r[j]) for r in rows) for j in range(5)]
+  for r in rows:
+    lines.append('  '.join(c.ljust(w) if j in (0, 4) else c.rjust(w)
+                           for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+  lines.append('Mean change when a modality is added (lower/7, lower*):')
+  rows = [['Region'] + [f'+{m}' for m in MODALITIES]] + [
+      [r[0]] + [c.replace(', ', ',') for c in r[1:]] for r in _added_rows(found)]
+  widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+  for r in rows:
+    lines.append('  '.join(c.ljust(w) if j == 0 else c.rjust(w)
+                           for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+  return '\n'.join(lines) + '\n'
 
 
 def write_summary_json(summary, path):
@@ -205,7 +402,8 @@ def markdown_table(summary, title=None):
   teacher = _teacher_line(summary)
   if teacher:
     lines += ['', teacher]
-  return '\n'.join(lines) + '\n'
+  section = dominance_markdown(summary.get('dominance'))
+  return '\n'.join(lines) + '\n' + ('\n' + section if section else '')
 
 
 def text_table(summary, wide=False):
@@ -240,7 +438,8 @@ def text_table(summary, wide=False):
   teacher = _teacher_line(summary)
   if teacher:
     lines += ['', teacher]
-  return '\n'.join(lines) + '\n'
+  section = dominance_text(summary.get('dominance'))
+  return '\n'.join(lines) + '\n' + ('\n' + section if section else '')
 
 
 def write_report(rows, out_dir, convention='brats', title=None):

@@ -2,9 +2,11 @@
 
 One step, one XLA program:
   1. draw a modality subset per sample from the step's key and zero the absent channels
-     (``modalities.draw_masks``);
+     (``modalities.draw_masks``; ``train.subset_weighting``);
   2. teacher forward on the full input, student forward on the masked input (BatchNorm in
-     training mode, dropout on), the discriminator on the student's style map;
+     training mode, dropout on), the discriminator on the student's style map; with
+     ``loss.superset_weight`` a second student forward on a subset one modality away
+     (``modalities.neighbour_masks``; its BatchNorm statistics are not kept);
   3. every loss of docs/method.md ("Losses") and one backward pass for teacher + student together;
   4. Adam (+ L2 added to the gradient, poly learning-rate decay) on teacher + student;
   5. the discriminator's own Adam step on BCE(D(s_f), 0) + BCE(D(s_m), 1), style maps frozen.
@@ -28,38 +30,53 @@ def allowed_subsets(config):
   return modalities.subset_masks(modalities.parse_subsets(config.train.subsets or None))
 
 
+def subset_probabilities(config):
+  """(S,) sampling probabilities of ``allowed_subsets`` (``train.subset_weighting``), or None
+  for uniform draws."""
+  weighting = config.train.get('subset_weighting', 'uniform') or 'uniform'
+  return modalities.subset_probabilities(allowed_subsets(config), weighting)
+
+
 def _global_norm(tree):
   return optax.tree.norm(tree)
 
 
 def network_objective(params, batch_stats, disc_params, image, image_m, label, keys, epoch,
-                      config):
+                      config, neighbour=None):
   """The teacher + student objective of one step (docs/method.md, "Losses").
 
   params / batch_stats: {'teacher', 'student'}; image: full input, image_m: the student's
   masked input, both (N, H, W, D, 4); label (N, H, W, D, 4); keys: (teacher, student) dropout
   keys. The discriminator enters only through the adversarial term and is not differentiated
-  here. Returns (total, (terms, new batch_stats, teacher style, student style)).
+  here. ``neighbour``: (image_nb, is_superset), the input one modality away from image_m and
+  whether it has one more (``loss.superset_weight`` only). Returns (total, (terms, new
+  batch_stats, teacher style, student style)).
   """
   net = network_from_config(config)
   cfg = config.loss
   if optim.teacher_is_frozen(config):   # no gradient (and no backward pass) into the teacher
     params = {**params, 'teacher': jax.lax.stop_gradient(params['teacher'])}
 
-  def forward(name, x, key):
-    with jax.named_scope(name):
+  def forward(scope, x, key):
+    name = scope.split('_')[0]
+    with jax.named_scope(scope):
       out, updates = net.apply({'params': params[name], 'batch_stats': batch_stats[name]}, x,
                                train=True, rngs={'dropout': key}, mutable=['batch_stats'])
     return out, updates['batch_stats']
 
   out_t, bs_t = forward('teacher', image, keys[0])
   out_s, bs_s = forward('student', image_m, keys[1])
+  student_nb = None
+  if neighbour is not None:
+    image_nb, is_superset = neighbour
+    out_nb, _ = forward('student_neighbour', image_nb, jax.random.fold_in(keys[1], 1))
+    student_nb = (out_nb.probs, is_superset)
   d_logits_m = None
   if cfg.lambda_gsme:
     with jax.named_scope('discriminator_on_student'):
       d_logits_m = discriminator_from_config(config).apply(disc_params, out_s.style)
   with jax.named_scope('losses'):
-    terms = losses.total_loss(out_t, out_s, label, d_logits_m, epoch, cfg)
+    terms = losses.total_loss(out_t, out_s, label, d_logits_m, epoch, cfg, student_nb)
   aux = (terms, {'teacher': bs_t, 'student': bs_s}, out_t.style, out_s.style)
   return terms['total'], aux
 
@@ -72,13 +89,19 @@ def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch):
   k_mask, k_t, k_s = jax.random.split(rng, 3)
   image = batch['image'].astype(jnp.float32)
   label = batch['label'].astype(jnp.float32)
-  modality = modalities.draw_masks(k_mask, image.shape[0], allowed_subsets(config))
+  modality = modalities.draw_masks(k_mask, image.shape[0], allowed_subsets(config),
+                                   subset_probabilities(config))
   image_m = modalities.apply_masks(image, modality)
   epoch = state.step // steps_per_epoch
+  neighbour = None
+  if config.loss.get('superset_weight', 0.0):
+    nb_masks, is_superset = modalities.neighbour_masks(jax.random.fold_in(k_mask, 1), modality)
+    neighbour = (modalities.apply_masks(image, nb_masks), is_superset)
 
   objective = functools.partial(network_objective, batch_stats=state.batch_stats,
                                 disc_params=state.disc_params, image=image, image_m=image_m,
-                                label=label, keys=(k_t, k_s), epoch=epoch, config=config)
+                                label=label, keys=(k_t, k_s), epoch=epoch, config=config,
+                                neighbour=neighbour)
   grads, (terms, new_stats, style_t, style_s) = jax.grad(objective, has_aux=True)(state.params)
   tx = optim.network_optimizer(config, steps_per_epoch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -82,9 +82,27 @@ def test_compare_variants_smoke(tmp_path):
   assert '15-subset mean Dice per run' in text and 'run-level interval' in text
   assert paired['runs'] == 2 and paired['run_ci95'][0] <= paired['run_mean']
   assert (out / 'paired.png').stat().st_size > 0
+  assert report['dominance']['mstkd']['regions']['ET']['steps'] == 28
+  assert 'Dominance: steps that add one modality' in text
   # Resumable: nothing is retrained.
   again = _run(args, timeout=300)
   assert again.returncode == 0 and '[compare] fold' not in again.stdout
+
+  # The per-region choice of scans, cross-fitted over the two folds of these runs.
+  proc = _run(['experiments/subset_selection_eval.py', '--out', str(out), '--folds', '2',
+               '--variants', 'mstkd'], timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((out / 'selection_report.json').read_text())['mstkd']
+  assert set(result) == {'default', 'crossfit-single', 'crossfit-ens', 'crossfit-ens-sig',
+                         'train-single', 'train-ens', 'train-ens-sig'}
+  assert result['crossfit-ens']['paired']['mean_15']['WT']['cases'] == 8
+  fold0 = out / 'fold0' / 'mstkd' / 'eval'
+  for split in ('train', 'val', 'test'):
+    assert (fold0 / f'candidates_{split}.csv').stat().st_size > 0
+  from mstkd_jax import subset_selection
+  rule = subset_selection.load(str(fold0 / 'selection_crossfit-ens.json'))
+  assert rule['source']['from'] == 'other folds' and rule['source']['num_cases'] == 4
+  assert (out / 'selection_report.md').read_text().startswith('# Per-region choice')
 
 
 def _compare_variants_module():
@@ -169,3 +187,35 @@ def test_predict_options_smoke(tmp_path):
   assert len(report['tta FLAIR']['diff_WT']) == 5
   assert 0.0 <= report['regrid FLAIR+T1+T1Gd+T2']['agreement_ET'] <= 1.0
   assert 'Agreement (Dice) of the re-gridded prediction' in (out / 'report.md').read_text()
+
+
+def test_dominance_report_over_runs(tmp_path):
+  """experiments/dominance_report.py: per step the mean change over runs, its interval over
+  runs, and the heat map; a step that lowers Dice in every run by about the same amount is
+  outside the noise."""
+  from mstkd_jax import report
+  from mstkd_jax.metrics import REGIONS
+  from mstkd_jax.modalities import ALL_SUBSETS, subset_name
+  for run in range(3):
+    rows = []
+    rng = np.random.default_rng(run)
+    for case in ('a', 'b'):
+      for subset in ALL_SUBSETS:
+        for region in REGIONS:
+          dice = 0.4 + 0.1 * sum(subset) + 0.01 * rng.standard_normal()
+          if region == 'ET' and subset[0]:              # FLAIR costs ET 0.2 (net -0.1 a step)
+            dice -= 0.2
+          rows.append({'case': case, 'subset': subset_name(subset), 'region': region,
+                       'dice': dice, 'hd95': 1.0})
+    report.write_per_case_csv(rows, str(tmp_path / f'run{run}.csv'))
+  proc = _run(['experiments/dominance_report.py', '--out', str(tmp_path / 'out'),
+               f'recipe={tmp_path}/run*.csv'], timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / 'out' / 'dominance.json').read_text())['recipe']
+  assert result['runs'] == 3
+  assert result['summary']['ET']['lower'] == 7 and result['summary']['ET']['lower_outside_noise'] == 7
+  assert result['summary']['WT']['lower'] == 0
+  step = result['steps']['ET']['T1Gd +FLAIR']
+  assert step['mean'] == pytest.approx(-0.1, abs=0.03) and step['lower_runs'] == 3
+  assert (tmp_path / 'out' / 'dominance_recipe.png').stat().st_size > 0
+  assert '| recipe | 3 | ET | 7 | 7 |' in (tmp_path / 'out' / 'dominance.md').read_text()

@@ -44,8 +44,14 @@ def _csv_means(path):
 
 
 def _parse_markdown(text):
-  """Header cells and {(metric, region): [floats or None]} of the Markdown table."""
-  table = [line for line in text.splitlines() if line.startswith('|')]
+  """Header cells and {(metric, region): [floats or None]} of the (first) Markdown table."""
+  lines = text.splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith('|'))
+  table = []
+  for line in lines[first:]:
+    if not line.startswith('|'):
+      break
+    table.append(line)
   split = lambda line: [c.strip() for c in line.strip().strip('|').split('|')]
   header = split(table[0])
   assert set(table[1]) <= set('|-:')
@@ -179,7 +185,7 @@ def test_text_tables(tmp_path):
   assert [line.split()[0] for line in body] == names
   for line in body:
     assert len(line.split()) == 7                        # name + Dice WT/TC/ET + HD95 WT/TC/ET
-  assert max(len(line) for line in lines[2:-3]) <= 80
+  assert max(len(line) for line in lines[2:] if not line.startswith('Teacher')) <= 80
   avg = body[-1].split()[1:]
   expected = [summary['average_over_subsets'][r]['dice'] * 100 for r in REGIONS]
   expected += [summary['average_over_subsets'][r]['hd95'] for r in REGIONS]
@@ -216,3 +222,66 @@ def test_read_csv_rejects_missing_columns(tmp_path):
   path.write_text('case,subset,region,dice\nc,FLAIR,WT,0.5\n')
   with pytest.raises(ValueError, match='hd95'):
     report.read_per_case_csv(path)
+
+
+def _dominated_rows(num_cases=5, fall=0.10, noise=0.01, seed=0):
+  """Rows in which every subset scores 0.5 + 0.05 per modality, except that adding FLAIR to
+  a subset with T1Gd lowers ET by ``fall`` (plus small per-case noise)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for c in range(num_cases):
+    for subset in ALL_SUBSETS:
+      for region in REGIONS:
+        dice = 0.5 + 0.05 * sum(subset) + noise * rng.standard_normal()
+        if region == 'ET' and subset[0] and subset[2]:
+          dice -= fall + 0.05
+        rows.append({'case': f'c{c}', 'subset': subset_name(subset), 'region': region,
+                     'dice': dice, 'hd95': 1.0})
+  return rows
+
+
+def test_dominance_finds_the_steps_that_lower_dice():
+  found = report.dominance(_dominated_rows())
+  assert found['num_cases'] == 5 and len(found['steps']) == 3 * 28
+  et = found['regions']['ET']
+  # FLAIR added to the 4 subsets holding T1Gd but not FLAIR, and T1Gd to the 4 holding FLAIR
+  # but not T1Gd: -0.10 each, outside the noise.
+  assert et['lower'] == 8 and et['lower_outside_noise'] == 8
+  assert et['mean_of_lower'] == pytest.approx(-0.10, abs=0.02)
+  assert et['worst']['added'] == 'FLAIR' and 'T1Gd' in et['worst']['from']
+  assert found['added']['ET']['FLAIR'] == pytest.approx(
+      {'steps': 7, 'mean_change': (4 * -0.10 + 3 * 0.05) / 7, 'lower': 4,
+       'lower_outside_noise': 4}, abs=0.01)
+  assert found['regions']['WT']['lower'] == 0
+  assert found['regions']['WT']['all_four_minus_best'] > 0
+  assert et['best_subset'] in ('T1+T1Gd+T2', 'FLAIR+T1+T2')     # both 0.65 up to noise
+  assert et['all_four_minus_best'] == pytest.approx(0.55 - 0.65, abs=0.02)
+  flags = report.dominance_flags(found)
+  assert len(flags) == 1 and flags[0].startswith('ET: all four') and '8/28 steps' in flags[0]
+  json.dumps(found)
+
+
+def test_dominance_noise_and_repeated_runs():
+  noisy = report.dominance(_dominated_rows(num_cases=3, fall=0.02, noise=0.05, seed=1))
+  assert noisy['regions']['ET']['lower_outside_noise'] < 8
+  one = report.dominance(_dominated_rows(num_cases=1))
+  assert one['regions']['ET']['lower_outside_noise'] == 0      # no interval from one case
+  # Two runs of the same cases: rows of a (case, subset, region) are averaged, not doubled.
+  twice = _dominated_rows() + _dominated_rows(seed=2)
+  assert report.dominance(twice)['num_cases'] == 5
+  assert report.dominance([])['steps'] == []
+
+
+def test_every_report_carries_the_dominance_section(tmp_path):
+  summary = report.write_report(_dominated_rows(), tmp_path, convention='brats')
+  assert summary['dominance']['regions']['ET']['lower_outside_noise'] == 8
+  assert json.loads((tmp_path / 'summary.json').read_text())['dominance']['num_cases'] == 5
+  table = (tmp_path / 'table.md').read_text()
+  assert 'Dominance' in table and '**Flag**: ET' in table
+  text = report.text_table(summary)
+  assert 'FLAG ET: all four' in text
+  assert max(len(line) for line in text.splitlines()[2:]) <= 80
+  # A report of one subset (e.g. a folder evaluation) has no steps and no section.
+  single = [r for r in _dominated_rows() if r['subset'] == 'FLAIR']
+  assert 'dominance' not in report.summarize(single)
+  assert 'Dominance' not in report.text_table(report.summarize(single))

@@ -91,6 +91,10 @@ def base_config():
   # Modality subsets the student may see, as strings of 0/1 per channel (FLAIR,T1,T1Gd,T2),
   # e.g. ('1111', '1010'); empty = all 15 non-empty subsets, drawn uniformly.
   train.subsets = ()
+  # How the student's subset is drawn among them (not in the paper): 'uniform', or 'size'
+  # (in proportion to the number of modalities present: the full input 4 times as often as a
+  # single modality; see docs/training.md).
+  train.subset_weighting = 'uniform'
   train.log_every = 10
   train.checkpoint_every = 500
   train.keep_checkpoints = 3
@@ -124,6 +128,11 @@ def base_config():
   # the first distill_delay_epochs, then by a linear ramp to 1 over distill_ramp_epochs.
   loss.distill_delay_epochs = 0.0
   loss.distill_ramp_epochs = 0.0
+  # Superset consistency (not in the paper): each step the student also sees a subset one
+  # modality away from its own, and a region (WT / TC / ET) whose soft Dice loss is worse from
+  # the larger input than from the smaller is penalised by this weight times the excess
+  # (losses.superset_consistency_loss; a second student forward and backward pass per step).
+  loss.superset_weight = 0.0
 
   # ---- evaluation ----
   evaluation = c.eval = config_dict.ConfigDict()
