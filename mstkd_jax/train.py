@@ -224,6 +224,7 @@ def check_workdir_config(config, workdir, allow_change=False):
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
+  old = _with_added_defaults(old)
   diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
   changes = ', '.join(f'{k} {_dotted(old, k)!r} -> {_dotted(new, k)!r}' for k in diffs)
   if diffs and not allow_change:
@@ -233,6 +234,27 @@ def check_workdir_config(config, workdir, allow_change=False):
   if diffs:
     logging.warning('resuming with a changed config (allowed): %s', changes)
   return diffs
+
+
+def _with_added_defaults(saved):
+  """``saved`` with every field it lacks set to the project's default for it.
+
+  A workdir written before a field existed trained as that field's default does (new fields
+  are added with the old behaviour as their default), so resuming it with the default is no
+  change; a non-default value still is.
+  """
+  from mstkd_jax.configs import brats    # pylint: disable=import-outside-toplevel
+
+  def fill(tree, defaults):
+    out = dict(tree)
+    for key, value in defaults.items():
+      if key not in out:
+        out[key] = value
+      elif isinstance(value, dict) and isinstance(out[key], dict):
+        out[key] = fill(out[key], value)
+    return out
+
+  return fill(saved, json.loads(brats.base_config().to_json_best_effort()))
 
 
 def _dotted(tree, key):

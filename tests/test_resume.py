@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ml_collections import config_dict
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import parallel
@@ -141,6 +142,19 @@ def test_workdir_config_check(tmp_path, tiny_config):
     train.check_workdir_config(other, workdir)
   assert train.check_workdir_config(other, workdir, allow_change=True) == [
       'model.num_layers', 'train.learning_rate']
+
+
+def test_workdir_config_written_before_a_field_existed(tmp_path, tiny_config):
+  """A field absent from the saved config.json (an older version wrote it) resumes at its
+  default value and refuses any other value."""
+  saved = json.loads(tiny_config.to_json_best_effort())
+  del saved['loss']['superset_weight']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  assert train.check_workdir_config(tiny_config, str(tmp_path)) == []
+  changed = config_dict.ConfigDict(tiny_config.to_dict())
+  changed.loss.superset_weight = 1.0
+  with pytest.raises(ValueError, match=r'loss\.superset_weight 0\.0 -> 1\.0'):
+    train.check_workdir_config(changed, str(tmp_path))
 
 
 @pytest.mark.slow
