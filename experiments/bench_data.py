@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput: cold (decoding .nii.gz into the cache) and cached epochs.
 
-  python experiments/bench_data.py --root ../shared/data/brats2018 --workers 2
+  python experiments/bench_data.py --root data/brats2018 --workers 2
   taskset -c 0 python experiments/bench_data.py --synthetic 4 --workers 1 --epochs 6
 
 Prints one JSON object: for the first epoch the cache build (decode, check, scale, crop, write)

@@ -1,13 +1,15 @@
 """Our step (or forward) and the authors' PyTorch one, alternated in one run, as JSON.
 
-  python experiments/bench_vs_torch.py --ref ../shared/bench/ref_torch_step.py \\
+  python experiments/bench_vs_torch.py --ref /path/to/ref_torch_step.py \\
       --mirror /path/to/MST-KDNet.git --pairs 3                       # train step at 64^3
   python experiments/bench_vs_torch.py --ref ... --mirror ... --mode infer --pairs 3
                                                                       # full-size forward
 
-The authors' side is their code timed by ``ref_torch_step.py`` (not part of this repository:
-pass its path; it reads their files from a local mirror of Quanato607/MST-KDNet, given by
-``--mirror`` or ``$MSTKD_REF_MIRROR``). Runs alternate ours / theirs ``--pairs`` times, each in
+The authors' side is their code timed by ``ref_torch_step.py``, a small script that times the
+authors' PyTorch training step (or forward pass) on their own files (not part of this
+repository: pass its path with ``--ref``; experiments/RESULTS_speed.md says what it does). It
+reads their files from a local mirror of Quanato607/MST-KDNet, given by ``--mirror`` or
+``$MSTKD_REF_MIRROR``. Runs alternate ours / theirs ``--pairs`` times, each in
 a fresh process; each run reports its minimum seconds per step (or forward) and its peak
 resident memory. Printed, one JSON object per run, then a summary line with the median of the
 pairwise time ratios (ours / theirs) and of the memory ratios, and the load average around

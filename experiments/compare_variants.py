@@ -1,6 +1,6 @@
 """Does the distillation pay off? k-fold cross-validation of training variants, with paired tests.
 
-  python experiments/compare_variants.py --root ../shared/data/brats2018 --out runs/compare \\
+  python experiments/compare_variants.py --root data/brats2018 --out runs/compare \\
       --config configs/cpu_real.py --variants mstkd,plain --folds 5 --steps 1500
   python experiments/compare_variants.py --out runs/compare --report-only   # tables again
   python experiments/compare_variants.py --smoke --out /tmp/cmp             # seconds, synthetic

@@ -148,7 +148,7 @@ def test_library_info_lines_are_hidden_but_their_warnings_pass():
                                           py_logging.INFO))
   assert handler_filter.filter(record('/site-packages/orbax/checkpoint/x.py',
                                       py_logging.WARNING))
-  assert handler_filter.filter(record('/work/mstkd_jax/train.py', py_logging.INFO))
+  assert handler_filter.filter(record('/home/me/src/mstkd_jax/train.py', py_logging.INFO))
 
 
 def test_every_console_script_resolves_and_every_command_has_help():

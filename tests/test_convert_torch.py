@@ -23,7 +23,9 @@ REFERENCE_TSV = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'reference',
 
 
 def _reference_shapes():
-  """{name: shape} of the authors' state_dict at the default size (the TSV in shared/)."""
+  """{name: shape} of the authors' state_dict at the default size, from a TSV of `name<TAB>shape`
+  lines (../shared/reference/network_state_dict.tsv relative to the repository, a layout used
+  on the maintainers' machines; not part of the repository: the test skips without it)."""
   if not os.path.exists(REFERENCE_TSV):
     pytest.skip(f'{REFERENCE_TSV} not found')
   shapes = {}
@@ -371,7 +373,8 @@ def test_groupnorm_layernorm_dense_match_torch():
 
 
 def _torch_modules(torch):
-  """Plain torch.nn versions of the blocks, with the authors' attribute names (SPEC 3)."""
+  """Plain torch.nn versions of the blocks, with the authors' attribute names (the blocks of
+  docs/method.md, "Network")."""
   nn = torch.nn
 
   class Wrap(nn.Module):  # SingleConv3DBlock / SingleDeconv3DBlock: the layer in `.block`
@@ -487,8 +490,9 @@ def test_transformer_block_matches_torch():
 
 
 def _torch_network(torch, config):
-  """A plain torch.nn MST-KDNet written from SPEC section 3 (generalised like ours to any
-  patch size), with the authors' module names, so that its state_dict() has their names."""
+  """A plain torch.nn MST-KDNet written from docs/method.md, "Network" (generalised like ours
+  to any patch size), with the authors' module names, so that its state_dict() has their
+  names."""
   nn, F = torch.nn, torch.nn.functional
   Wrap, ResBlock, conv_block, deconv_block, Block = _torch_modules(torch)
   m = config.model

@@ -1,7 +1,9 @@
 """The 20 real BraTS 2018 cases (FeTS / BraTS 2021 labels) load with the expected regions.
 
-The folder comes from $MSTKD_BRATS2018 (default <repo>/../shared/data/brats2018); the tests
-skip when it is absent. Nothing is copied into the repository.
+The folder comes from $MSTKD_BRATS2018 (default: ../shared/data/brats2018 relative to the
+repository, a layout used on the maintainers' machines; see the README's "Data" section for
+where to get the cases); the tests skip when it is absent. Nothing is copied into the
+repository.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Each loss against a hand-written NumPy version of its formula (SPEC section 4)."""
+"""Each loss against a hand-written NumPy version of its formula (docs/method.md, "Losses")."""
 
 import numpy as np
 import pytest
