@@ -2,7 +2,7 @@
 
   faces        main, run, predict, visualize, convert_torch, data.prepare, evaluate_folder
   train | eval train, step | evaluate, metrics, lesionwise(_brats2025), report, export,
-               model_facts
+               model_facts, subset_selection
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
                (logging_utils, fileio, host_memory, cli)
@@ -19,7 +19,7 @@ FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
          'evaluate_folder'}
 TRAIN = {'train', 'step'}
 EVAL = {'evaluate', 'metrics', 'lesionwise', 'lesionwise_brats2025', 'report', 'export',
-        'model_facts'}
+        'model_facts', 'subset_selection'}
 SERVICES = {'models.build', 'checkpoint', 'parallel'}
 
 

@@ -58,6 +58,7 @@ def test_gpu_check_reports_a_failing_case_and_goes_on(tmp_path):
   assert 'error' in lines[0] and 'error' not in lines[1]
 
 
+@pytest.mark.slow
 def test_compare_variants_smoke(tmp_path):
   """experiments/compare_variants.py end to end on 8 tiny synthetic cases: 2 folds x 2
   variants x 2 steps, the report (per-variant table, per-subset table, paired comparison with
