@@ -52,8 +52,9 @@ What comes out:
 * where the brain box is larger than the model's input, overlapping windows (``--overlap``,
   default 0.5) are blended with Gaussian weights (``--blend uniform`` for plain averaging);
 * ``--tta``: test-time mirroring, the mean of the predictions for the 8 mirrorings of the input
-  (each mirrored back; 8x the time), and ``<out>_uncertainty.nii.gz``, the share of the 8 whose
-  thresholded channels differ from the result at each voxel (0 = all agree);
+  (each mirrored back; 8 network passes: about 6x a full-size case's time on a CPU), and
+  ``<out>_uncertainty.nii.gz``, the share of the 8 whose thresholded channels differ from the
+  result at each voxel (0 = all agree);
 * ``--resample_to MODALITY``: series of one patient on different voxel grids (a 1 mm T1Gd
   and a 5 mm FLAIR of one session) are resampled onto that modality's grid by their affines
   (trilinear, no registration; ``regrid.py``); volumes that do not overlap in world space
@@ -773,7 +774,7 @@ def _define_flags(fv):
   flags.DEFINE_enum('blend', None, ('gaussian', 'uniform'), 'Sliding windows: how overlapping '
                     'windows are blended (default config.eval.blend).', flag_values=fv)
   flags.DEFINE_bool('tta', False, 'Test-time mirroring: average the 8 mirrorings of the input '
-                    '(8x the time) and write <out>_uncertainty.nii.gz, the share of mirrored '
+                    '(8 network passes) and write <out>_uncertainty.nii.gz, the share of mirrored '
                     'predictions that disagree with the result at each voxel.', flag_values=fv)
   flags.DEFINE_string('resample_to', None, 'Modalities on different voxel grids (one frame, '
                       'e.g. 1 mm T1Gd and 5 mm FLAIR): resample the others onto this '
