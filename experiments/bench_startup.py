@@ -187,17 +187,22 @@ def make_case(folder):
   return os.path.join(folder, case)
 
 
+def timed_run(cmd, env, log_path):
+  """Runs ``cmd`` with its output in ``log_path``: the result's common fields and the log."""
+  before = load()
+  launch, end, status = run_command(cmd, env, log_path)
+  with open(log_path) as f:
+    text = f.read()
+  return {'command': ' '.join(['python'] + cmd[1:]), 'status': status,
+          'wall_s': round(end - launch, 2), 'load_before': before, 'load_after': load()}, text
+
+
 def predict_run(export, case, out, env, log_path):
   cid = os.path.basename(case)
   files = {key: os.path.join(case, f'{cid}_{key}.nii.gz') for key in ('flair', 't1', 't1ce', 't2')}
   cmd = [sys.executable, '-m', 'mstkd_jax.predict', '--checkpoint', export,
          '--out', out] + [a for k, p in files.items() for a in (f'--{k}', p)]
-  before = load()
-  launch, end, status = run_command(cmd, env, log_path)
-  with open(log_path) as f:
-    text = f.read()
-  result = {'command': ' '.join(['python'] + cmd[1:]), 'status': status,
-            'wall_s': round(end - launch, 2), 'load_before': before, 'load_after': load()}
+  result, text = timed_run(cmd, env, log_path)
   result.update(compile_summary(text))
   return result
 
@@ -205,12 +210,8 @@ def predict_run(export, case, out, env, log_path):
 def forward_run(env, log_path):
   cmd = [sys.executable, os.path.join('experiments', 'bench_step.py'), '--mode', 'infer',
          '--config=configs/brats.py', '--steps', '2']
-  before = load()
-  launch, end, status = run_command(cmd, env, log_path)
-  with open(log_path) as f:
-    lines = [line for line in f.read().splitlines() if line.startswith('{')]
-  result = {'command': ' '.join(['python'] + cmd[1:]), 'status': status,
-            'wall_s': round(end - launch, 2), 'load_before': before, 'load_after': load()}
+  result, text = timed_run(cmd, env, log_path)
+  lines = [line for line in text.splitlines() if line.startswith('{')]
   if lines:
     bench = json.loads(lines[-1])
     result.update(forward_s=bench['sec_per_forward_min'], compile=bench.get('compile'))
@@ -221,12 +222,7 @@ def eval_run(export, root, split_file, workdir, env, log_path):
   cmd = [sys.executable, '-m', 'mstkd_jax.main', '--config=configs/brats.py', '--mode=eval',
          f'--checkpoint={export}', f'--workdir={workdir}', f'--config.data.root={root}',
          f'--config.data.split_file={split_file}']
-  before = load()
-  launch, end, status = run_command(cmd, env, log_path)
-  with open(log_path) as f:
-    text = f.read()
-  result = {'command': ' '.join(['python'] + cmd[1:]), 'status': status,
-            'wall_s': round(end - launch, 2), 'load_before': before, 'load_after': load()}
+  result, text = timed_run(cmd, env, log_path)
   m = re.search(r'15-subset evaluation, test split \(.*?\), (\d+) s', text)
   if m:
     result['evaluation_s'] = int(m.group(1))

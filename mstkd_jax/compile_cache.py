@@ -34,10 +34,11 @@ import os
 import platform
 import threading
 import time
-import uuid
 
 import jax
 from absl import logging
+
+from mstkd_jax import fileio
 
 DEFAULT_ROOT = os.path.join('~', '.cache', 'mstkd_jax')
 OFF_VALUES = ('0', 'false', 'no', 'off')
@@ -153,17 +154,8 @@ def _atomic_cache_class():
 def write_atomic(path, value):
   """Writes ``value`` to ``path`` through a temporary file in the same folder and a rename;
   an existing ``path`` is left alone (JAX's rule: the first writer of a key wins)."""
-  if os.path.exists(path):
-    return
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f'.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(value)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  if not os.path.exists(path):
+    fileio.write_bytes_atomic(path, value)
 
 
 def _use_atomic_writes():

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.metrics import REGIONS
 from mstkd_jax.modalities import ALL_SUBSETS, masked_copies, parse_subset, subset_name
 
@@ -193,11 +194,7 @@ def validate(rule: dict, where: str = 'selection') -> dict:
 
 def save(rule: dict, path: str):
   validate(rule, path)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(rule, f, indent=1)
-    f.write('\n')
-  os.replace(tmp, path)
+  write_json_atomic(path, rule)
 
 
 def load(path: str) -> dict:
