@@ -275,7 +275,7 @@ def _eval_setup(args, dtype):
   """Initialised variables, the compiled evaluation forward pass (run once) and one synthetic
   case's 15 masked copies; ``out`` holds the seconds each took."""
   import jax
-  from mstkd_jax import evaluate
+  from mstkd_jax import inference as inference_lib
   from mstkd_jax.modalities import ALL_SUBSETS, masked_copies
   from mstkd_jax.models.mstkdnet import network_from_config
   from mstkd_jax.models.build import input_shape
@@ -293,7 +293,7 @@ def _eval_setup(args, dtype):
   t0 = time.perf_counter()
   case = _synthetic_eval_case(config)
   out['synthetic_case_s'] = round(time.perf_counter() - t0, 2)
-  inference = evaluate.get_inference(config)
+  inference = inference_lib.get_inference(config)
   placed = inference.place(variables)
   images = masked_copies(case.image, ALL_SUBSETS)
   _progress('compiling the evaluation forward pass')

@@ -65,13 +65,13 @@ class LoadedRun:
   def get(self):
     if self._parts is None:
       from mstkd_jax import checkpoint as ckpt
-      from mstkd_jax import evaluate
+      from mstkd_jax import inference as inference_lib
       from mstkd_jax.data import pipeline
       config = ckpt.load_config(self.workdir)
       config.data.split_file = self.split_file
       config.data.cache_dir = self.cache_dir
       loaded = ckpt.load_networks(config, self.workdir, 'latest', names=('student',))
-      inference = evaluate.get_inference(config)
+      inference = inference_lib.get_inference(config)
       dataset = pipeline.prepare(config, self.workdir, splits=('train', 'val', 'test'),
                                  progress=False)
       self._parts = (config, inference.place(loaded.primary()), inference, dataset)

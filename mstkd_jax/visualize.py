@@ -34,9 +34,8 @@ from matplotlib.patches import Patch
 import nibabel as nib
 import numpy as np
 
-from mstkd_jax import cli, compile_cache, evaluate
+from mstkd_jax import cli, compile_cache, inference as inference_lib
 from mstkd_jax import metrics as metrics_lib
-from mstkd_jax import predict
 from mstkd_jax.data import layouts, pipeline, preprocess
 from mstkd_jax.modalities import (ALL_SUBSETS, MODALITIES, MODALITY_KEYS, masked_copies,
                                   parse_subset, subset_name)
@@ -189,7 +188,7 @@ def figure_for_case(config, variables, case_dir, out, inference=None, z=None, ti
   """Runs the student on the subsets ``figure_subsets`` chooses for the case's modalities and
   draws the figure."""
   image, codes, meta, case_id = load_case(case_dir, config)
-  inference = inference or evaluate.get_inference(config)
+  inference = inference or inference_lib.get_inference(config)
   variables = inference.place(variables)
   subsets = figure_subsets(meta['present'])
   probs = inference.predict(variables, masked_copies(image, subsets))
@@ -315,7 +314,7 @@ def draw_case_report(background_path, labels, layout, record, out):
   """A one-page PNG of one predicted case: axial, coronal and sagittal slices through the
   tumour's centre (the scan at ``background_path`` under the predicted regions) and a panel
   with the modalities used, the label convention, the volumes and the expected accuracy
-  (``record``: the prediction's sidecar, predict.case_record)."""
+  (``record``: the prediction's sidecar, ``predict.outputs.case_record``)."""
   matplotlib.use('Agg')
   img = nib.load(background_path)
   scan, zooms = _canonical(np.asarray(img.dataobj, np.float32), img.affine)
@@ -411,7 +410,7 @@ def main(argv=None):
   started = time.time()
   try:
     print(f'loading the network from {args.checkpoint}', file=sys.stderr, flush=True)
-    model = predict.load_model(args.checkpoint, args.step)
+    model = inference_lib.load_model(args.checkpoint, args.step)
     print(f'segmenting {args.case} from {len(FIGURE_SUBSETS)} modality subsets (the first '
           'forward pass compiles the network, about a minute on a CPU)', file=sys.stderr,
           flush=True)

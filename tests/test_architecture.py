@@ -1,13 +1,15 @@
 """The layers of docs/architecture.md hold: no module imports a layer above its own.
 
-  faces        main, run, predict, visualize, convert_torch, data.prepare, evaluate_folder
-  train | eval train, step | evaluate, metrics, lesionwise(_brats2025), report, export,
-               model_facts, subset_selection
+  faces        main, run, predict (and its modules predict.*), visualize, convert_torch,
+               data.prepare, evaluate_folder
+  train | eval train, step | evaluate, inference, metrics, lesionwise(_brats2025), report,
+               export, model_facts, subset_selection
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
                (logging_utils, fileio, host_memory, cli)
 
-Every ``import`` in a module counts, at the top or inside a function.
+Every ``import`` in a module counts, at the top or inside a function. No two modules import
+each other, directly or through others (an import loop), whatever their layers.
 """
 
 import ast
@@ -18,13 +20,13 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
          'evaluate_folder'}
 TRAIN = {'train', 'step'}
-EVAL = {'evaluate', 'metrics', 'lesionwise', 'lesionwise_brats2025', 'report', 'export',
+EVAL = {'evaluate', 'inference', 'metrics', 'lesionwise', 'lesionwise_brats2025', 'report', 'export',
         'model_facts', 'subset_selection'}
 SERVICES = {'models.build', 'checkpoint', 'parallel'}
 
 
 def layer(module):
-  if module in FACES:
+  if module in FACES or module.split('.')[0] in FACES:
     return 'face'
   if module in TRAIN:
     return 'train'
@@ -99,3 +101,41 @@ def test_the_checker_sees_a_bad_arrow(tmp_path):
   path.write_text('from mstkd_jax import step\n'
                   'def f():\n  from mstkd_jax.data import pipeline\n  import mstkd_jax.evaluate\n')
   assert imported(str(path), 'x') == {'step', 'data.pipeline', 'evaluate'}
+
+
+def import_graph(package_modules=None):
+  """{module: the project modules it imports} (a package's ``__init__`` is the package)."""
+  package_modules = dict(package_modules or modules())
+  return {m: imported(path, m) & set(package_modules) for m, path in package_modules.items()}
+
+
+def import_loops(graph):
+  """Sorted 'a -> b -> ... -> a' cycles of ``graph`` (each found once, from its least member)."""
+  loops = set()
+
+  def walk(start, node, path):
+    for nxt in sorted(graph.get(node, ())):
+      if nxt == start:
+        loops.add(' -> '.join(path + [start]))
+      elif nxt > start and nxt not in path:
+        walk(start, nxt, path + [nxt])
+
+  for start in sorted(graph):
+    walk(start, start, [start])
+  return sorted(loops)
+
+
+def test_no_import_loops():
+  loops = import_loops(import_graph())
+  assert not loops, 'import loops:\n' + '\n'.join(loops)
+
+
+def test_the_loop_checker_sees_a_loop(tmp_path):
+  """Two modules importing each other (one of them inside a function) are a loop; a package
+  importing its own module is not."""
+  (tmp_path / 'a.py').write_text('from mstkd_jax import b\n')
+  (tmp_path / 'b.py').write_text('def f():\n  from mstkd_jax import a\n')
+  (tmp_path / 'c.py').write_text('from mstkd_jax import a\n')
+  graph = import_graph({m: str(tmp_path / f'{m}.py') for m in ('a', 'b', 'c')})
+  assert import_loops(graph) == ['a -> b -> a']
+  assert import_loops({'p': {'p.x'}, 'p.x': set()}) == []

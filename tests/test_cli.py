@@ -239,12 +239,13 @@ def test_a_workdir_of_another_config_shows_old_and_new_values(tmp_path, tiny_con
 
 def test_predict_creates_the_folder_of_a_single_output_file(tmp_path):
   from mstkd_jax import predict
+  from mstkd_jax.predict import outputs
   out = tmp_path / 'a' / 'new' / 'folder' / 'seg.nii.gz'
-  predict.check_out(str(out))
+  outputs.check_out(str(out))
   assert out.parent.is_dir() and not out.exists()
   (tmp_path / 'file').write_text('')
   with pytest.raises(predict.PredictionError, match='cannot create the folder'):
-    predict.check_out(str(tmp_path / 'file' / 'seg.nii.gz'))
+    outputs.check_out(str(tmp_path / 'file' / 'seg.nii.gz'))
 
 
 def test_reading_a_checkpoint_logs_no_read_only_warning(tmp_path, caplog):

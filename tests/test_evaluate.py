@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mstkd_jax import evaluate
+from mstkd_jax import inference as inference_lib
 from mstkd_jax import report
 from mstkd_jax.data import pipeline
 from mstkd_jax.models import build
@@ -36,8 +37,8 @@ def test_table_title_names_the_variant():
 
 
 def test_window_starts_cover_the_box():
-  assert evaluate.window_starts((32, 32, 32), (32, 32, 32)) == [(0, 0, 0)]
-  starts = evaluate.window_starts((70, 85, 32), (32, 32, 32), overlap=0.5)
+  assert inference_lib.window_starts((32, 32, 32), (32, 32, 32)) == [(0, 0, 0)]
+  starts = inference_lib.window_starts((70, 85, 32), (32, 32, 32), overlap=0.5)
   xs, ys = sorted({s[0] for s in starts}), sorted({s[1] for s in starts})
   assert xs[0] == 0 and xs[-1] == 70 - 32 and ys[-1] == 85 - 32
   assert max(np.diff(xs)) <= 16 and max(np.diff(ys)) <= 16   # at least 50 % overlap
@@ -46,8 +47,8 @@ def test_window_starts_cover_the_box():
     covered[s[0]:s[0] + 32, s[1]:s[1] + 32, s[2]:s[2] + 32] = True
   assert covered.all()
   with pytest.raises(ValueError, match='smaller than the window'):
-    evaluate.window_starts((20, 32, 32), (32, 32, 32))
-  w = evaluate.blend_weights((32, 32, 32))
+    inference_lib.window_starts((20, 32, 32), (32, 32, 32))
+  w = inference_lib.blend_weights((32, 32, 32))
   assert w.min() > 0 and w.max() == 1.0 and w[16, 16, 16] == 1.0
 
 
@@ -118,7 +119,7 @@ def test_validator_full_subset_only(run):
 
 
 def test_sliding_windows_blend_window_outputs(run):
-  inference = evaluate.get_inference(run.config)
+  inference = inference_lib.get_inference(run.config)
   variables = inference.place(build.network_variables(run.state, 'student'))
   rs = np.random.RandomState(0)
   box = rs.rand(1, 40, 32, 32, 4).astype(np.float32)

@@ -8,6 +8,7 @@ import pytest
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import evaluate
+from mstkd_jax import inference as inference_lib
 from mstkd_jax import export
 from mstkd_jax.models import build
 from tests import helpers_eval
@@ -45,7 +46,7 @@ def test_export_contents_and_size(run, exported):
 def test_exported_student_gives_the_same_probabilities(run, exported):
   from_export = ckpt.load_networks(run.config, exported).primary()
   from_workdir = ckpt.load_networks(run.config, run.workdir, 'latest').networks['student']
-  inference = evaluate.get_inference(run.config)
+  inference = inference_lib.get_inference(run.config)
   rs = np.random.RandomState(1)
   images = rs.rand(3, *run.config.data.input_shape, 4).astype(np.float32)
   images[1, ..., 1:3] = 0.0   # a missing-modality input too

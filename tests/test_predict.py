@@ -12,9 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mstkd_jax import inference
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import model_facts
 from mstkd_jax import predict
+from mstkd_jax import regrid
 from mstkd_jax import visualize
 from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.modalities import ALL_SUBSETS, subset_name
@@ -311,8 +313,8 @@ def test_test_time_mirroring_maps_each_mirroring_back(model, monkeypatch):
     return 1.0 / (1.0 + np.exp(-(np.asarray(images) - 0.5) * 8))
 
   monkeypatch.setattr(model.inference, 'predict', per_voxel)
-  plain, none = predict.box_probabilities(model, image)
-  mean, disagreement = predict.box_probabilities(model, image, tta=True)
+  plain, none = inference.box_probabilities(model, image)
+  mean, disagreement = inference.box_probabilities(model, image, tta=True)
   assert none is None
   np.testing.assert_allclose(mean, plain, rtol=1e-6)
   assert disagreement.shape == image.shape[:3] and not disagreement.any()
@@ -328,7 +330,7 @@ def test_test_time_mirroring_maps_each_mirroring_back(model, monkeypatch):
     return out
 
   monkeypatch.setattr(model.inference, 'predict', one_sided)
-  mean, disagreement = predict.box_probabilities(model, image, tta=True)
+  mean, disagreement = inference.box_probabilities(model, image, tta=True)
   assert calls == [8]
   # Half the mirrorings flip x: each x half is on in 4 of 8 predictions.
   np.testing.assert_allclose(mean[..., 0], 0.5)
@@ -573,7 +575,7 @@ def test_resample_to_on_a_real_case(model, tmp_path):
   t1ce = os.path.join(folder, f'{case}_t1ce.nii.gz')
   thick = _regrid(flair, str(tmp_path / 'flair_5mm.nii.gz'), (1.0, 1.0, 5.0))
   assert nib.load(thick).shape[2] < nib.load(flair).shape[2] / 4
-  regridded, coverage = predict.regrid.onto_grid_of({'flair': thick, 't1ce': t1ce}, 'T1Gd',
+  regridded, coverage = regrid.onto_grid_of({'flair': thick, 't1ce': t1ce}, 'T1Gd',
                                                     str(tmp_path))
   assert coverage['FLAIR'] > 0.95
   back = np.asarray(nib.load(regridded['flair']).dataobj)

@@ -1,0 +1,103 @@
+"""Segmenting patients: one patient's files (``predict_files``) and a folder of cases with
+``--continue`` (``predict_folder``), through the inference module's forward pass.
+"""
+
+import os
+import sys
+import time
+
+from absl import logging
+import numpy as np
+
+from mstkd_jax import inference
+from mstkd_jax.data import pipeline
+from mstkd_jax.logging_utils import Progress
+from mstkd_jax.modalities import MODALITIES, channel_index
+from mstkd_jax.predict import outputs
+from mstkd_jax.predict.cases import check_paths, paths_only, preprocess
+from mstkd_jax.predict.errors import PredictionError
+from mstkd_jax.predict.labels import LabelChoice, probs_to_labels, resolve_labels
+
+def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,
+                  case_id='patient', option_names=(), tta=False,
+                  resample_to=None) -> outputs.Prediction:
+  """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
+  T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset. ``labels``: a
+  ``LabelChoice`` of the run, or a --labels value resolved for this case alone.
+  ``resample_to``: a modality whose voxel grid the others are resampled onto first
+  (``regrid.onto_grid_of``); the output is then in its geometry."""
+  started = time.time()
+  given = check_paths(paths)
+  choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
+      labels, model, given.values(), option_names)
+  image, meta, coverage = preprocess(model, given, case_id, resample_to)
+  box_probs, box_disagreement = inference.box_probabilities(model, image, overlap, blend, tta)
+  probs = pipeline.restore_geometry(box_probs, meta, order=1).astype(np.float32)
+  # Outside the box the model saw nothing: background with probability 1 there.
+  seen = pipeline.restore_geometry(np.ones(box_probs.shape[:3], np.float32), meta, order=1)
+  probs[..., 3] += 1.0 - seen
+  seg = probs_to_labels(probs, choice.layout, threshold)
+  uncertainty = None
+  if box_disagreement is not None:
+    uncertainty = pipeline.restore_geometry(box_disagreement, meta, order=1).astype(np.float32)
+  inputs = {MODALITIES[channel_index(k)]: os.path.abspath(v) for k, v in given.items()}
+  return outputs.Prediction(seg, probs, choice.layout, meta, tuple(meta['present']), choice.source,
+                    uncertainty, tta, inputs, time.time() - started,
+                    MODALITIES[channel_index(resample_to)] if resample_to else None, coverage)
+
+
+def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=False,
+                   skip_existing=False, report=False, **kwargs):
+  """Segments ``cases`` (from ``folder_cases``) into ``out_dir/<case id>.nii.gz`` with a
+  ``<case id>.json`` sidecar each and ``volumes.csv`` over the folder; one label convention
+  for the whole run (``resolve_labels``). ``skip_existing``: not the cases whose output
+  exists. Returns (written paths, {case id: error message}, skipped case ids, LabelChoice,
+  {case id: sidecar record})."""
+  choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
+      labels, model, paths_only(cases))
+  os.makedirs(out_dir, exist_ok=True)
+  written, failed, skipped = [], {}, []
+  todo = []
+  records = {}
+  for case_id, paths in cases:
+    out = os.path.join(out_dir, f'{case_id}.nii.gz')
+    if skip_existing and os.path.exists(out):
+      skipped.append(case_id)
+      previous = outputs.read_sidecar(out)
+      if previous:
+        records[case_id] = previous
+    else:
+      todo.append((case_id, paths, out))
+  if skipped:
+    print(f'--continue: {len(skipped)} case(s) already segmented in {out_dir}, '
+          f'{len(todo)} to go', file=sys.stderr, flush=True)
+  # A terminal gets a bar; logs (SLURM, pipes) one line per case with its time.
+  bar = Progress(len(todo), 'predict', log_lines=False)
+  lines = not sys.stderr.isatty()
+  for case_id, paths, out in todo:
+    try:
+      if isinstance(paths, PredictionError):
+        raise paths
+      prediction = predict_files(model, paths, labels=choice, case_id=case_id, **kwargs)
+      files = outputs.write_prediction(prediction, out, save_probabilities)
+      record = outputs.case_record(prediction, model, case_id, files, kwargs.get('threshold', 0.5))
+      if report:
+        files.append(outputs.write_case_report(prediction, record, out))
+        record['outputs'].append(os.path.abspath(files[-1]))
+      files.append(outputs.write_sidecar(record, out))
+      records[case_id] = record
+      written += files
+      if lines:
+        volumes = record['volumes_ml']
+        print(f'{case_id}: {prediction.seconds:.1f} s, {record["modalities_used"]}, WT / TC / '
+              f'ET {volumes["WT"]:.1f} / {volumes["TC"]:.1f} / {volumes["ET"]:.1f} mL -> {out}',
+              file=sys.stderr, flush=True)
+    except PredictionError as e:
+      failed[case_id] = str(e)
+      logging.error('%s: %s', case_id, e)
+    bar.update()
+  bar.close()
+  if records:
+    written.append(outputs.write_volumes_csv([records[c] for c in sorted(records)],
+                                     os.path.join(out_dir, 'volumes.csv')))
+  return written, failed, skipped, choice, records
