@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import inference as inference_lib
 from mstkd_jax import metrics as metrics_lib
+from mstkd_jax import model_facts
 from mstkd_jax import report
 from mstkd_jax.data import pipeline
 from mstkd_jax.logging_utils import Progress
@@ -149,7 +150,8 @@ def _evaluate_and_report(config, dataset, student, teacher, split, source, out=N
   if jax.process_index() == 0:
     summary = report.write_report(rows, out, convention,
                                   title=f'{_student_kind(config)}, {split} split ({source})')
-    summary.update(split=split, source=source, seconds=round(seconds, 1),
+    summary.update(split=split, source=source, data=model_facts.evaluation_data(config),
+                   seconds=round(seconds, 1),
                    sliding_window=sliding, skipped_cases=list(cases.skipped_cases))
     report.write_summary_json(summary, os.path.join(out, 'summary.json'))
     text = report.text_table(summary)

@@ -61,21 +61,50 @@ def training_label_convention(config, workdir):
   return None, 'not recorded by this run (trained before the convention was recorded)'
 
 
+# Fewer held-out cases than this make an expected accuracy a rough guide only.
+FEW_CASES = 10
+
+
+def evaluation_data(config):
+  """What an evaluation of ``config``'s run was computed on: {'root': the data root or None,
+  'synthetic': True for the generated cases of a run without a data root}."""
+  root = config.data.get('root') if hasattr(config.data, 'get') else None
+  return {'root': os.path.abspath(str(root)) if root else None, 'synthetic': not root}
+
+
+def evaluation_caveat(evaluation, num_cases):
+  """A warning when an expected accuracy says little about real scans (it was measured on
+  synthetic cases, or on fewer than ``FEW_CASES`` cases), else None."""
+  data = (evaluation or {}).get('data') or {}
+  if data.get('synthetic'):
+    return (f'measured on {num_cases} synthetic case(s), not on real scans: it says nothing '
+            'about the accuracy on patients')
+  if num_cases < FEW_CASES:
+    return (f'measured on only {num_cases} case(s) (fewer than {FEW_CASES}): a rough guide, '
+            'the accuracy on other patients can differ widely')
+  return None
+
+
 def evaluation_record(summary):
   """The part of an evaluation summary.json that an export carries: per-subset means, the
-  15-subset average, the split, source and number of cases."""
-  keep = ('split', 'source', 'num_cases', 'hd95_convention', 'subsets', 'average_over_subsets',
-          'sliding_window')
+  15-subset average, the split, source, data and number of cases."""
+  keep = ('split', 'source', 'data', 'num_cases', 'hd95_convention', 'subsets',
+          'average_over_subsets', 'sliding_window')
   return {k: summary[k] for k in keep if k in summary}
 
 
-def read_workdir_evaluation(workdir):
+def read_workdir_evaluation(workdir, config=None):
+  """The evaluation record of a training workdir's test split (with what it was computed on,
+  from ``config`` when the summary predates that field), or None."""
   path = os.path.join(workdir, WORKDIR_EVALUATION)
   try:
     with open(path) as f:
-      return evaluation_record(json.load(f))
+      record = evaluation_record(json.load(f))
   except (OSError, ValueError, KeyError):
     return None
+  if 'data' not in record and config is not None:
+    record['data'] = evaluation_data(config)
+  return record
 
 
 def write_into_export(out, config, workdir):
@@ -90,7 +119,7 @@ def write_into_export(out, config, workdir):
   if convention:
     settings['layout'] = convention
   write_json_atomic(path, settings, indent=2)
-  evaluation = read_workdir_evaluation(workdir)
+  evaluation = read_workdir_evaluation(workdir, config)
   target = os.path.join(out, EVALUATION_FILE)
   if evaluation:
     write_json_atomic(target, evaluation, indent=2)
@@ -118,9 +147,11 @@ def read(location, config) -> ModelFacts:
     if os.path.exists(eval_path):
       with open(eval_path) as f:
         evaluation = json.load(f)
+      if 'data' not in evaluation:      # exports made before the field: the training data
+        evaluation['data'] = evaluation_data(config)
     return ModelFacts(convention, source, evaluation)
   convention, source = training_label_convention(config, location)
-  return ModelFacts(convention, source, read_workdir_evaluation(location))
+  return ModelFacts(convention, source, read_workdir_evaluation(location, config))
 
 
 def describe_expected(facts, subset_name):
@@ -133,5 +164,16 @@ def describe_expected(facts, subset_name):
   parts = ' / '.join(f'{100 * scores[r]["dice"]:.1f}' for r in REGIONS if r in scores)
   cases = max(int(scores[r].get('num_cases', 0)) for r in REGIONS if r in scores)
   split = facts.evaluation.get('split', 'test')
-  return (f'with {subset_name} this model scored Dice WT / TC / ET {parts} % on {cases} '
-          f'{split} case(s) ({facts.evaluation.get("source", "")})')
+  line = (f'with {subset_name} this model scored Dice WT / TC / ET {parts} % on {cases} '
+          f'{split} case(s) of {describe_data(facts.evaluation)} '
+          f'({facts.evaluation.get("source", "")})')
+  caveat = evaluation_caveat(facts.evaluation, cases)
+  return line + (f'; warning: {caveat}' if caveat else '')
+
+
+def describe_data(evaluation):
+  """'synthetic cases', '<data root>' or 'unrecorded data' for messages."""
+  data = (evaluation or {}).get('data') or {}
+  if data.get('synthetic'):
+    return 'synthetic cases'
+  return data.get('root') or 'unrecorded data'

@@ -303,18 +303,57 @@ def _canonical(data, affine):
 
 
 def tumour_centre(regions):
-  """Voxel index (x, y, z) of the WT centre of mass (the volume's centre without tumour)."""
-  wt = regions['WT']
-  if not wt.any():
-    return tuple(n // 2 for n in wt.shape)
-  return tuple(int(round(c)) for c in np.argwhere(wt).mean(axis=0))
+  """Voxel index (x, y, z) through the lesion's core: the tumour-core voxel nearest to the
+  core's centre of mass (ET lies within TC), else the same for the whole tumour, else the
+  volume's centre. A voxel of the region itself, so that every view cuts through it."""
+  for region in ('TC', 'WT'):
+    voxels = np.argwhere(regions[region])
+    if len(voxels):
+      centre = voxels.mean(axis=0)
+      return tuple(int(v) for v in voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))])
+  return tuple(n // 2 for n in regions['WT'].shape)
 
 
-def draw_case_report(background_path, labels, layout, record, out):
+# The regions' colours name the part of the region outside the next inner one, in each label
+# convention (brats2021: 1 NCR, 2 ED, 4 ET; brats2024: 1 NETC, 2 SNFH, 3 ET).
+_LEGEND_NAMES = {'brats2021': (('WT', 'ED: oedema (WT outside TC)'),
+                               ('TC', 'NCR: necrotic core (TC outside ET)'),
+                               ('ET', 'ET: enhancing tumour')),
+                 'brats2024': (('WT', 'SNFH: oedema (WT outside TC)'),
+                               ('TC', 'NETC: non-enhancing core (TC outside ET)'),
+                               ('ET', 'ET: enhancing tumour'))}
+# The patient's side at each edge of a view (``report_views``: np.rot90 of an RAS+ slice puts
+# the first axis left to right and the second bottom to top): (left, right, top, bottom).
+VIEW_SIDES = {'Axial': ('L', 'R', 'A', 'P'), 'Coronal': ('L', 'R', 'S', 'I'),
+              'Sagittal': ('P', 'A', 'S', 'I')}
+
+
+def report_views(volume, centre):
+  """{view name: 2D array as drawn} of an RAS+ ``volume`` through voxel ``centre``: axial,
+  coronal and sagittal slices, each rotated so that its sides are ``VIEW_SIDES``."""
+  x, y, z = centre
+  return {'Axial': np.rot90(volume[:, :, z]), 'Coronal': np.rot90(volume[:, y, :]),
+          'Sagittal': np.rot90(volume[x, :, :])}
+
+
+def _mark_sides(ax, sides):
+  """Orientation letters at the middle of each edge of a panel."""
+  left, right, top, bottom = sides
+  style = dict(color='white', fontsize=11, fontweight='bold', transform=ax.transAxes,
+               bbox=dict(facecolor='black', alpha=0.5, pad=1.5, edgecolor='none'))
+  ax.text(0.02, 0.5, left, ha='left', va='center', **style)
+  ax.text(0.98, 0.5, right, ha='right', va='center', **style)
+  ax.text(0.5, 0.98, top, ha='center', va='top', **style)
+  ax.text(0.5, 0.02, bottom, ha='center', va='bottom', **style)
+
+
+def draw_case_report(background_path, labels, layout, record, out, dpi=150):
   """A one-page PNG of one predicted case: axial, coronal and sagittal slices through the
-  tumour's centre (the scan at ``background_path`` under the predicted regions) and a panel
-  with the modalities used, the label convention, the volumes and the expected accuracy
-  (``record``: the prediction's sidecar, ``predict.outputs.case_record``)."""
+  lesion's core (``tumour_centre``; the scan at ``background_path`` under the predicted
+  regions, orientation letters on every panel), then the text (modalities used, the label
+  convention, the volumes, the network and its expected accuracy; ``record``: the
+  prediction's sidecar, ``predict.outputs.case_record``) with the legend beside it, named in
+  the output's label convention."""
   matplotlib.use('Agg')
   img = nib.load(background_path)
   scan, zooms = _canonical(np.asarray(img.dataobj, np.float32), img.affine)
@@ -322,36 +361,39 @@ def draw_case_report(background_path, labels, layout, record, out):
   regions = layouts.region_masks(codes)
   x, y, z = tumour_centre(regions)
   lo, hi = np.percentile(scan[scan > 0], (0.5, 99.5)) if (scan > 0).any() else (0.0, 1.0)
-  views = (('Axial', lambda a: a[:, :, z], (zooms[1], zooms[0])),
-           ('Coronal', lambda a: a[:, y, :], (zooms[2], zooms[0])),
-           ('Sagittal', lambda a: a[x, :, :], (zooms[2], zooms[1])))
-  fig = plt.figure(figsize=(15, 5.6))
-  grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.15))
-  for k, (name, cut, (row_mm, col_mm)) in enumerate(views):
+  aspects = {'Axial': zooms[1] / zooms[0], 'Coronal': zooms[2] / zooms[0],
+             'Sagittal': zooms[2] / zooms[1]}
+  fig = plt.figure(figsize=(17, 5.6))
+  grid = fig.add_gridspec(1, 5, width_ratios=(1, 1, 1, 1.05, 0.75))
+  overlays = {r: report_views(m, (x, y, z)) for r, m in regions.items()}
+  for k, (name, section) in enumerate(report_views(scan, (x, y, z)).items()):
     ax = fig.add_subplot(grid[0, k])
-    section = {r: cut(m) for r, m in regions.items()}
-    rgba = np.zeros(section['WT'].shape + (4,), np.float32)
+    rgba = np.zeros(section.shape + (4,), np.float32)
     for region in ('WT', 'TC', 'ET'):
-      rgba[section[region]] = COLOURS[region]
-    ax.imshow(np.rot90(cut(scan)), cmap='gray', vmin=lo, vmax=hi, interpolation='nearest',
-              aspect=row_mm / col_mm)
-    ax.imshow(np.rot90(rgba), interpolation='nearest', aspect=row_mm / col_mm)
+      rgba[overlays[region][name]] = COLOURS[region]
+    ax.imshow(section, cmap='gray', vmin=lo, vmax=hi, interpolation='nearest',
+              aspect=aspects[name])
+    ax.imshow(rgba, interpolation='nearest', aspect=aspects[name])
     index = {'Axial': z, 'Coronal': y, 'Sagittal': x}[name]
-    ax.set_title(f'{name} (slice {index}, RAS)', fontsize=11)
+    ax.set_title(f'{name} (slice {index})', fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
+    _mark_sides(ax, VIEW_SIDES[name])
   ax = fig.add_subplot(grid[0, 3])
   ax.axis('off')
-  ax.legend(handles=[Patch(color=COLOURS[r][:3], label=n) for r, n in
-                     (('WT', 'WT (oedema / SNFH)'), ('TC', 'TC (core / NETC)'),
-                      ('ET', 'ET (enhancing)'))],
-            loc='lower left', frameon=False, fontsize=10)
   ax.text(0.0, 1.0, _report_text(record, os.path.basename(background_path)),
           va='top', ha='left', family='monospace', fontsize=9.5, transform=ax.transAxes)
-  fig.suptitle(f'{record["case_id"]}: predicted tumour regions', fontsize=13)
+  ax = fig.add_subplot(grid[0, 4])
+  ax.axis('off')
+  ax.legend(handles=[Patch(color=COLOURS[r][:3], label=n)
+                     for r, n in _LEGEND_NAMES.get(layout, _LEGEND_NAMES['brats2021'])],
+            loc='upper left', frameon=False, fontsize=10, title='Predicted regions',
+            title_fontsize=10, alignment='left')
+  fig.suptitle(f'{record["case_id"]}: predicted tumour regions (letters: the patient\'s '
+               'Left / Right, Anterior / Posterior, Superior / Inferior)', fontsize=13)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=90)
+  fig.savefig(out, dpi=dpi)
   plt.close(fig)
   return out
 
@@ -373,6 +415,10 @@ def _report_text(record, background):
                  f'ET {100 * dice["ET"]:.1f} %')
     lines.append(f'  ({expected["num_cases"]} {expected["split"]} case(s) of the model\'s')
     lines.append(f'   own evaluation, {expected["evaluated"]})')
+    if expected.get('caveat'):
+      lines.append('  Warning: ' + ('synthetic cases, not real scans'
+                                   if 'synthetic' in expected['caveat']
+                                   else f'only {expected["num_cases"]} case(s)'))
   else:
     lines.append('  not known: no evaluation recorded')
     lines.append('  with this model')

@@ -504,8 +504,16 @@ def _atomic_nifti_save(img, path):
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   tmp = os.path.join(folder, f'.tmp-{os.getpid()}-{os.path.basename(path)}')
-  nib.save(img, tmp)
-  os.replace(tmp, path)
+  try:
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    if e.filename == tmp:        # name the file the caller asked for
+      e.filename = path
+    raise
+  finally:
+    if os.path.exists(tmp):      # a failed write (a full disk) leaves nothing behind
+      os.remove(tmp)
 
 
 def preprocess_files(paths, settings, case_id='patient', layout='brats2021'):

@@ -22,6 +22,8 @@ CHANNEL_FILE = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$')
 
 
 def check_paths(paths):
+  """{modality key: path} of the given modalities, each an existing file and no file given
+  as two modalities."""
   given = {k: v for k, v in paths.items() if v}
   if not given:
     raise PredictionError('no modality given: pass at least one of --t2f/--flair, --t1n/--t1, '
@@ -29,6 +31,13 @@ def check_paths(paths):
   missing = [str(p) for p in given.values() if not os.path.isfile(p)]
   if missing:
     raise PredictionError(f'file(s) not found: {", ".join(missing)}')
+  by_file = {}
+  for key, path in given.items():
+    by_file.setdefault(os.path.realpath(path), []).append(key)
+  for path, keys in by_file.items():
+    if len(keys) > 1:
+      names = ' and '.join(MODALITIES[channel_index(k)] for k in keys)
+      raise PredictionError(f'{path} is given as {names}: each modality needs its own scan')
   return given
 
 
@@ -136,11 +145,27 @@ class FolderScan:
 _FOLDER_FILES = ('dataset.json',)
 
 
+def _unused_files(input_dir, case):
+  """[(entry, reason)] for the NIfTI files of a case folder that are none of its scans (a copy,
+  a mask, a second series): they are not read, and the user is told so."""
+  used = {os.path.basename(p) for p in case.files}
+  out = []
+  for name in sorted(os.listdir(case.folder)):
+    if name in used or layouts.strip_nifti_suffix(name) is None:
+      continue
+    entry = os.path.relpath(os.path.join(case.folder, name), input_dir)
+    out.append((entry, f'a NIfTI file in case folder {case.case_id} that is none of its scans '
+                       f'or its label (names such as {case.case_id}_flair.nii.gz or '
+                       f'{case.case_id}-t2f.nii.gz); not read'))
+  return out
+
+
 def scan_input_folder(input_dir, channels=None, dataset_json=None) -> FolderScan:
   """Finds every case under ``input_dir``: nnU-Net-style flat files (CASE_0000.nii.gz ...) and
   BraTS case folders, both in one folder if need be. Every other entry is listed in
   ``skipped`` with the reason (a folder without NIfTI files, a file that is not a NIfTI image
-  or not named as a channel file); hidden entries and dataset.json are not cases."""
+  or not named as a channel file, a NIfTI file in a case folder that is none of its scans);
+  hidden entries and dataset.json are not cases."""
   if not os.path.isdir(input_dir):
     raise PredictionError(f'--input_dir {input_dir}: no such folder')
   flat = channel_file_cases(input_dir, channel_order(channels, dataset_json, input_dir))
@@ -166,6 +191,7 @@ def scan_input_folder(input_dir, channels=None, dataset_json=None) -> FolderScan
           cases.append((case.case_id, _case_paths(case)))
         except PredictionError as e:
           cases.append((case.case_id, e))
+        skipped += _unused_files(input_dir, case)
     elif CHANNEL_FILE.match(name):
       continue                     # one of the flat cases above
     elif layouts.strip_nifti_suffix(name) is not None:

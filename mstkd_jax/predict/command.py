@@ -19,10 +19,12 @@ or a ``dataset.json`` in the folder or its parent (nnU-Net v2 ``channel_names`` 
 ``modality``: e.g. {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}); a channel file that
 is absent is a missing modality. Every entry of the folder is accounted for: it is a case, or
 it is listed as skipped with the reason (a folder without NIfTI files, a file that is not a
-NIfTI image or not named as a channel file), and any skipped entry or failed case makes the
-exit status 1. Output files are named ``<case id>.nii.gz``, the names BraTS submissions expect
-(BraTS-GLI-00001-000.nii.gz, BraTS2021_00001.nii.gz). ``--continue`` skips cases whose output
-exists (a restarted job carries on).
+NIfTI image or not named as a channel file, a NIfTI file in a case folder that is none of its
+scans), and any skipped entry or failed case makes the exit status 1. Output files are named
+``<case id>.nii.gz``, the names BraTS submissions expect (BraTS-GLI-00001-000.nii.gz,
+BraTS2021_00001.nii.gz). ``--continue`` skips the cases already done, those whose label map and
+sidecar JSON both exist (a restarted job carries on). One output folder holds one label
+convention: adding labels of another convention to a folder's segmentations is refused.
 
 ``--checkpoint`` is an exported student (``--mode=export``) or a training workdir (then
 ``--step latest|best|N`` picks the checkpoint). The preprocessing (intensity scaling, voxel
@@ -47,14 +49,16 @@ What comes out:
   the input files, the modalities used and missing, the label convention and why, the tumour
   volumes in mL (WT, TC, ET and each label, from the voxel size), the model, and the expected
   accuracy: the Dice / HD95 the model scored in its own 15-subset evaluation with exactly the
-  modalities at hand (when the export carries that evaluation). Folder mode also writes
-  ``volumes.csv``, one row per case;
+  modalities at hand (when the export carries that evaluation), with what that evaluation was
+  computed on (data, split, number of cases) and a warning when it used synthetic cases or
+  fewer than 10. Folder mode also writes ``volumes.csv``, one row per case;
 * where the brain box is larger than the model's input, overlapping windows (``--overlap``,
   default 0.5) are blended with Gaussian weights (``--blend uniform`` for plain averaging);
 * ``--tta``: test-time mirroring, the mean of the predictions for the 8 mirrorings of the input
   (each mirrored back; 8 network passes: about 6x a full-size case's time on a CPU), and
   ``<out>_uncertainty.nii.gz``, the share of the 8 whose thresholded channels differ from the
-  result at each voxel (0 = all agree);
+  result at each voxel (values k/8; 0 = all agree; brought back to the input grid by nearest
+  neighbour, so the shares stay exact);
 * ``--resample_to MODALITY``: series of one patient on different voxel grids (a 1 mm T1Gd
   and a 5 mm FLAIR of one session) are resampled onto that modality's grid by their affines
   (trilinear, no registration; ``regrid.py``); volumes that do not overlap in world space
@@ -68,9 +72,13 @@ What comes out:
   model works at another voxel size they are resampled trilinearly, and the segmentation is the
   thresholded resampled probabilities.
 
-Errors are reported in one line (exit status 2): no modality given, a missing or unreadable
-file, a file that looks like a label map or mask rather than a scan, files of different shapes
-or affines, a checkpoint trained with another config, an unknown label convention.
+Errors are reported in one line (exit status 2): no modality given, a modality given twice or
+one file given as two modalities, a missing or unreadable file, a file that looks like a label
+map or mask rather than a scan, files of different shapes or affines, a checkpoint trained with
+another config, an unknown label convention, an output location that cannot be written (checked
+before any work). An output that cannot be written once the work started (a full disk) stops
+the run with one line naming the file and the free space, exit status 4; no temporary file is
+left behind, and ``--continue`` carries on after space is freed.
 """
 
 import os
@@ -86,11 +94,10 @@ from mstkd_jax import model_facts
 from mstkd_jax.inference import load_model
 from mstkd_jax.modalities import LEGACY_KEYS, MODALITIES, MODALITY_KEYS, channel_index
 from mstkd_jax.predict.cases import case_id_from_files, check_paths, paths_only, scan_input_folder
-from mstkd_jax.predict.errors import PredictionError
+from mstkd_jax.predict.errors import OutputWriteError, PredictionError
 from mstkd_jax.predict.labels import LABEL_CHOICES, resolve_labels
-from mstkd_jax.predict.outputs import (case_record, check_out, write_case_report,
-                                       write_prediction, write_sidecar)
-from mstkd_jax.predict.segment import predict_files, predict_folder
+from mstkd_jax.predict.outputs import check_out
+from mstkd_jax.predict.segment import predict_files, predict_folder, write_case
 
 # Command-line names of each channel (FLAIR, T1, T1Gd, T2): BraTS 2024 first, then 2021.
 CHANNEL_OPTIONS = tuple(zip(MODALITY_KEYS, LEGACY_KEYS))
@@ -162,6 +169,34 @@ def _define_flags(fv):
 _define_flags(COMMAND.flags)
 
 
+def modality_flags(argv):
+  """[(flag name, value)] of the modality flags in ``argv`` (--t2f / --flair ...), in order,
+  in both spellings --name=value and --name value."""
+  names = {n for pair in CHANNEL_OPTIONS for n in pair}
+  found = []
+  for i, token in enumerate(argv):
+    if not token.startswith('-'):
+      continue
+    name, sep, value = token.lstrip('-').partition('=')
+    name = name.lower().replace('-', '_')
+    if name in names:
+      found.append((name, value if sep else (argv[i + 1] if i + 1 < len(argv) else '')))
+  return found
+
+
+def check_each_modality_once(argv):
+  """A modality given by two flags (--flair A --t2f B, or --flair twice) is refused: absl
+  would silently keep the last one."""
+  seen = {}
+  for name, value in modality_flags(argv):
+    modality = MODALITIES[channel_index(name)]
+    if modality in seen:
+      first, before = seen[modality]
+      raise PredictionError(f'{modality} is given twice (--{first} {before} and --{name} '
+                            f'{value}): give each modality once')
+    seen[modality] = (name, value)
+
+
 def _print_expected(model, record):
   expected = record.get('expected_accuracy')
   subset = record['modalities_used']
@@ -170,7 +205,10 @@ def _print_expected(model, record):
     print(f'  expected accuracy with {subset}: Dice WT / TC / ET '
           f'{100 * dice.get("WT", float("nan")):.1f} / {100 * dice.get("TC", float("nan")):.1f}'
           f' / {100 * dice.get("ET", float("nan")):.1f} % on {expected["num_cases"]} '
-          f'{expected["split"]} case(s) of this model\'s evaluation ({expected["evaluated"]})')
+          f'{expected["split"]} case(s) of this model\'s evaluation ({expected["evaluated"]}, '
+          f'{expected.get("data", "unrecorded data")})')
+    if expected.get('caveat'):
+      print(f'  warning: the expected accuracy was {expected["caveat"]}', file=sys.stderr)
   else:
     print(f'  expected accuracy with {subset}: '
           + model_facts.describe_expected(model.facts, subset))
@@ -182,13 +220,10 @@ def main(argv=None):
   args = COMMAND.parse_flags_only(argv)
   logging.set_verbosity(logging.WARNING)
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}
-  used = []
   raw = sys.argv[1:] if argv is None else list(argv)
-  for token in raw:
-    name = token.split('=', 1)[0].lstrip('-').lower()
-    if name in {n for names in CHANNEL_OPTIONS for n in names}:
-      used.append(name)
+  used = [name for name, _ in modality_flags(raw)]
   try:
+    check_each_modality_once(raw)
     if args.input_dir and any(options.values()):
       raise PredictionError('give either modality files or --input_dir, not both')
     if not args.input_dir:
@@ -236,12 +271,13 @@ def main(argv=None):
     choice = resolve_labels(args.labels, model, [p for p in options.values() if p], used)
     case_id = case_id_from_files(options.values())
     prediction = predict_files(model, options, labels=choice, case_id=case_id, **kwargs)
-    written = write_prediction(prediction, args.out, args.save_probabilities)
-    record = case_record(prediction, model, case_id, written, args.threshold)
-    if args.report:
-      written.append(write_case_report(prediction, record, args.out))
-      record['outputs'].append(os.path.abspath(written[-1]))
-    written.append(write_sidecar(record, args.out))
+    written, record = write_case(prediction, model, case_id, args.out, args.save_probabilities,
+                                 args.report, args.threshold)
+  except OutputWriteError as e:
+    print(f'error: {e}' + (' (the cases written before it are complete: free space and run '
+                           'the same command with --continue)' if args.input_dir else ''),
+          file=sys.stderr)
+    return 4
   except (PredictionError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

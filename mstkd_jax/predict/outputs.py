@@ -5,14 +5,17 @@ report picture, and ``volumes.csv`` over a folder of cases.
 
 import csv
 import dataclasses
+import io
 import json
 import os
+import tempfile
 from typing import Optional
 
 import numpy as np
 
+from mstkd_jax import model_facts
 from mstkd_jax.data import layouts, pipeline
-from mstkd_jax.fileio import write_json_atomic
+from mstkd_jax.fileio import write_json_atomic, write_text_atomic
 from mstkd_jax.modalities import MODALITIES, subset_name
 from mstkd_jax.predict.errors import PredictionError
 from mstkd_jax.predict.labels import LABEL_NAMES
@@ -35,24 +38,31 @@ class Prediction:
 
 def check_out(out, folder=False):
   """The output must be a .nii / .nii.gz file (or, with ``folder``, a folder), never an
-  existing folder where a file is wanted. A file's missing folder is created, as ``folder``
-  mode creates its folder."""
+  existing folder where a file is wanted, in a folder this process can write into (checked
+  before any work). A missing folder is created."""
   if folder:
     if os.path.exists(out) and not os.path.isdir(out):
       raise PredictionError(f'--out {out} exists and is not a folder (--input_dir writes one '
                             'file per case into a folder)')
-    return
-  if os.path.isdir(out):
-    raise PredictionError(f'--out {out} is a folder; give a file name ending in .nii.gz')
-  if not out.endswith(('.nii.gz', '.nii')):
-    raise PredictionError(f'--out {out}: the segmentation is written as NIfTI; give a name '
-                          'ending in .nii.gz or .nii')
-  parent = os.path.dirname(os.path.abspath(out))
+    parent = os.path.abspath(out)
+  else:
+    if os.path.isdir(out):
+      raise PredictionError(f'--out {out} is a folder; give a file name ending in .nii.gz')
+    if not out.endswith(('.nii.gz', '.nii')):
+      raise PredictionError(f'--out {out}: the segmentation is written as NIfTI; give a name '
+                            'ending in .nii.gz or .nii')
+    parent = os.path.dirname(os.path.abspath(out))
   try:
     os.makedirs(parent, exist_ok=True)
   except OSError as e:
     raise PredictionError(f'--out {out}: cannot create the folder {parent}: '
                           f'{e.strerror or e}') from e
+  try:
+    handle, probe = tempfile.mkstemp(prefix='.mstkd-write-test-', dir=parent)
+    os.close(handle)
+    os.remove(probe)
+  except OSError as e:
+    raise PredictionError(f'--out {out}: cannot write into {parent}: {e.strerror or e}') from e
 
 
 def voxel_volume_ml(meta):
@@ -121,10 +131,13 @@ def case_record(prediction: Prediction, model, case_id, written, threshold=0.5):
   }
   if expected:
     evaluation = model.facts.evaluation
+    num_cases = max(int(v.get('num_cases', 0)) for v in expected.values())
     record['expected_accuracy'] = {
         'modalities': subset, 'split': evaluation.get('split'),
         'evaluated': evaluation.get('source'),
-        'num_cases': max(int(v.get('num_cases', 0)) for v in expected.values()),
+        'data': model_facts.describe_data(evaluation),
+        'caveat': model_facts.evaluation_caveat(evaluation, num_cases),
+        'num_cases': num_cases,
         'dice': {r: round(v['dice'], 4) for r, v in expected.items()},
         'hd95_mm': {r: round(v['hd95'], 2) for r, v in expected.items()},
         'hd95_convention': evaluation.get('hd95_convention')}
@@ -176,18 +189,17 @@ def write_volumes_csv(records, path):
         label_columns.append(column)
   columns = list(VOLUME_COLUMNS) + label_columns + ['dice_expected_WT', 'dice_expected_TC',
                                                     'dice_expected_ET']
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for record in records:
-      row = {'case_id': record['case_id'], 'modalities_used': record['modalities_used'],
-             'label_convention': record['labels']['convention']}
-      row.update({f'{k}_ml': v for k, v in record['volumes_ml'].items()})
-      expected = (record.get('expected_accuracy') or {}).get('dice', {})
-      row.update({f'dice_expected_{r}': expected.get(r, '') for r in ('WT', 'TC', 'ET')})
-      writer.writerow(row)
-  os.replace(tmp, path)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for record in records:
+    row = {'case_id': record['case_id'], 'modalities_used': record['modalities_used'],
+           'label_convention': record['labels']['convention']}
+    row.update({f'{k}_ml': v for k, v in record['volumes_ml'].items()})
+    expected = (record.get('expected_accuracy') or {}).get('dice', {})
+    row.update({f'dice_expected_{r}': expected.get(r, '') for r in ('WT', 'TC', 'ET')})
+    writer.writerow(row)
+  write_text_atomic(path, text.getvalue())
   return path
 
 
@@ -197,3 +209,19 @@ def read_sidecar(out):
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def finished_cases(out_dir):
+  """{case id: sidecar record} of the cases segmented into ``out_dir``: a case is done only
+  when both its label map ``<case id>.nii.gz`` and its readable sidecar ``<case id>.json``
+  exist."""
+  done = {}
+  if not os.path.isdir(out_dir):
+    return done
+  for name in sorted(os.listdir(out_dir)):
+    if not name.endswith('.nii.gz') or name.startswith('.'):
+      continue
+    record = read_sidecar(os.path.join(out_dir, name))
+    if record is not None and record.get('case_id') == name[:-len('.nii.gz')]:
+      done[record['case_id']] = record
+  return done

@@ -15,11 +15,11 @@ from mstkd_jax.logging_utils import Progress
 from mstkd_jax.modalities import MODALITIES, channel_index
 from mstkd_jax.predict import outputs
 from mstkd_jax.predict.cases import check_paths, paths_only, preprocess
-from mstkd_jax.predict.errors import PredictionError
+from mstkd_jax.predict.errors import PredictionError, write_error
 from mstkd_jax.predict.labels import LabelChoice, probs_to_labels, resolve_labels
 
-def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, overlap=None, blend=None,
-                  case_id='patient', option_names=(), tta=False,
+def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, overlap=None,
+                  blend=None, case_id='patient', option_names=(), tta=False,
                   resample_to=None) -> outputs.Prediction:
   """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
   T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset. ``labels``: a
@@ -39,33 +39,37 @@ def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, o
   seg = probs_to_labels(probs, choice.layout, threshold)
   uncertainty = None
   if box_disagreement is not None:
-    uncertainty = pipeline.restore_geometry(box_disagreement, meta, order=1).astype(np.float32)
+    # Nearest neighbour: every voxel keeps a share k/8 of the mirrorings.
+    uncertainty = pipeline.restore_geometry(box_disagreement, meta, order=0).astype(np.float32)
   inputs = {MODALITIES[channel_index(k)]: os.path.abspath(v) for k, v in given.items()}
-  return outputs.Prediction(seg, probs, choice.layout, meta, tuple(meta['present']), choice.source,
-                    uncertainty, tta, inputs, time.time() - started,
-                    MODALITIES[channel_index(resample_to)] if resample_to else None, coverage)
+  return outputs.Prediction(
+      seg, probs, choice.layout, meta, tuple(meta['present']), choice.source, uncertainty, tta,
+      inputs, time.time() - started,
+      MODALITIES[channel_index(resample_to)] if resample_to else None, coverage)
 
 
 def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=False,
                    skip_existing=False, report=False, **kwargs):
   """Segments ``cases`` (from ``folder_cases``) into ``out_dir/<case id>.nii.gz`` with a
   ``<case id>.json`` sidecar each and ``volumes.csv`` over the folder; one label convention
-  for the whole run (``resolve_labels``). ``skip_existing``: not the cases whose output
-  exists. Returns (written paths, {case id: error message}, skipped case ids, LabelChoice,
+  for the whole run (``resolve_labels``), also with the cases of the folder that stay.
+  ``skip_existing``: not the cases already done (label map and sidecar written). Returns (written paths, {case id: error message}, skipped case ids, LabelChoice,
   {case id: sidecar record})."""
   choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
       labels, model, paths_only(cases))
   os.makedirs(out_dir, exist_ok=True)
+  done = outputs.finished_cases(out_dir)
+  kept = done if skip_existing else {c: r for c, r in done.items()
+                                     if c not in {case_id for case_id, _ in cases}}
+  check_one_convention(kept, choice, out_dir)
   written, failed, skipped = [], {}, []
   todo = []
   records = {}
   for case_id, paths in cases:
     out = os.path.join(out_dir, f'{case_id}.nii.gz')
-    if skip_existing and os.path.exists(out):
+    if skip_existing and case_id in done:
       skipped.append(case_id)
-      previous = outputs.read_sidecar(out)
-      if previous:
-        records[case_id] = previous
+      records[case_id] = done[case_id]
     else:
       todo.append((case_id, paths, out))
   if skipped:
@@ -79,12 +83,8 @@ def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=Fals
       if isinstance(paths, PredictionError):
         raise paths
       prediction = predict_files(model, paths, labels=choice, case_id=case_id, **kwargs)
-      files = outputs.write_prediction(prediction, out, save_probabilities)
-      record = outputs.case_record(prediction, model, case_id, files, kwargs.get('threshold', 0.5))
-      if report:
-        files.append(outputs.write_case_report(prediction, record, out))
-        record['outputs'].append(os.path.abspath(files[-1]))
-      files.append(outputs.write_sidecar(record, out))
+      files, record = write_case(prediction, model, case_id, out, save_probabilities, report,
+                                 kwargs.get('threshold', 0.5))
       records[case_id] = record
       written += files
       if lines:
@@ -98,6 +98,39 @@ def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=Fals
     bar.update()
   bar.close()
   if records:
-    written.append(outputs.write_volumes_csv([records[c] for c in sorted(records)],
-                                     os.path.join(out_dir, 'volumes.csv')))
+    path = os.path.join(out_dir, 'volumes.csv')
+    try:
+      written.append(outputs.write_volumes_csv([records[c] for c in sorted(records)], path))
+    except OSError as e:
+      raise write_error(e, path) from e
   return written, failed, skipped, choice, records
+
+
+def write_case(prediction, model, case_id, out, save_probabilities=False, report=False,
+               threshold=0.5):
+  """Writes one case's outputs (label map, optional probabilities and report, then the
+  sidecar, which marks the case done); returns (paths, sidecar record). A write that fails
+  (a full disk) raises ``OutputWriteError``; no temporary file is left behind."""
+  try:
+    files = outputs.write_prediction(prediction, out, save_probabilities)
+    record = outputs.case_record(prediction, model, case_id, files, threshold)
+    if report:
+      files.append(outputs.write_case_report(prediction, record, out))
+      record['outputs'].append(os.path.abspath(files[-1]))
+    files.append(outputs.write_sidecar(record, out))
+  except OSError as e:
+    raise write_error(e, e.filename or out) from e
+  return files, record
+
+
+def check_one_convention(records, choice, out_dir):
+  """Refuses to add ``choice``'s labels to a folder whose remaining segmentations
+  (``records``: {case id: sidecar}) use another label convention."""
+  other = sorted(c for c, r in records.items()
+                 if (r.get('labels') or {}).get('convention') not in (None, choice.layout))
+  if other:
+    convention = records[other[0]]['labels']['convention']
+    raise PredictionError(
+        f'--out {out_dir} already holds {convention} segmentations ({len(other)} case(s), e.g. '
+        f'{other[0]}); writing {choice.layout} labels beside them would mix two label '
+        f'conventions: give --labels {convention}, or another --out')
