@@ -226,8 +226,39 @@ def save_network(directory, variables, config, network='student', source='', ove
   return directory
 
 
+def add_network(directory, name, variables):
+  """Adds a further network (the teacher) to an export written by ``save_network``: its
+  {'params', 'batch_stats'} as ``directory/<name>_variables`` and its name in the manifest's
+  ``extra_networks``. A second network of the same config only."""
+  directory = os.path.abspath(os.fspath(directory))
+  folder = f'{name}_variables'
+  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, folder), tree, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  path = os.path.join(directory, EXPORT_MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest.setdefault('extra_networks', {})[name] = folder
+  write_json_atomic(path, manifest, indent=2)
+
+
 def is_network_export(directory):
   return os.path.exists(os.path.join(directory, EXPORT_MANIFEST))
+
+
+def _restore_network(config, directory, location):
+  """One network's {'params', 'batch_stats'} from an export's Orbax folder."""
+  target = build.network_struct(config)
+  _check_stored(directory, target)
+  target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  try:
+    variables = ocp.StandardCheckpointer().restore(directory, target)
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f'{location} does not hold a network of this config '
+                          f'(model {dict(config.model)}): {e}') from e
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 def load_config(directory):
@@ -377,8 +408,9 @@ def resolve_location(workdir, checkpoint=None):
 def load_networks(config, location, which=None, names=('student',)) -> LoadedNetworks:
   """The one way to load networks, from any of:
 
-    * an exported or converted network folder (``manifest.json``): the one network it holds;
-      ``which`` must be None or 'latest';
+    * an exported or converted network folder (``manifest.json``): the network it holds
+      (``variables/``), and those of ``names`` among its ``extra_networks`` (an export's
+      teacher); ``which`` must be None or 'latest';
     * a training workdir's checkpoints: ``which`` is None / 'latest', 'best' or a step; every
       network of ``names`` ('student', 'teacher').
 
@@ -406,19 +438,13 @@ def load_networks(config, location, which=None, names=('student',)) -> LoadedNet
     if manifest.get('kind') != 'network':
       raise CheckpointError(f'{location}/{EXPORT_MANIFEST}: kind {manifest.get("kind")!r}, '
                        'expected "network"')
-    directory = os.path.join(os.path.abspath(location), 'variables')
-    target = build.network_struct(config)
-    _check_stored(directory, target)
-    target = abstract_like(target, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    try:
-      variables = ocp.StandardCheckpointer().restore(directory, target)
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f'{location} does not hold a network of this config '
-                       f'(model {dict(config.model)}): {e}') from e
-    variables = {'params': variables['params'],
-                 'batch_stats': variables.get('batch_stats', {})}
-    return LoadedNetworks({manifest.get('network', 'student'): variables}, config,
-                          f'export {os.path.abspath(location)}', is_export=True)
+    location = os.path.abspath(location)
+    networks = {manifest.get('network', 'student'): _restore_network(
+        config, os.path.join(location, 'variables'), location)}
+    for name, folder in (manifest.get('extra_networks') or {}).items():
+      if name in names and name not in networks:
+        networks[name] = _restore_network(config, os.path.join(location, folder), location)
+    return LoadedNetworks(networks, config, f'export {location}', is_export=True)
   directory = os.path.join(location, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{location} is neither an exported network (no {EXPORT_MANIFEST})'

@@ -176,7 +176,7 @@ def evaluate_checkpoint(config, workdir, checkpoint=None, split='test', out=None
   loaded = ckpt.load_networks(config, location, which, names=('student', 'teacher'))
   dataset = pipeline.prepare(config, workdir, splits=(split,))
   return _evaluate_and_report(config, dataset, loaded.primary(),
-                              None if loaded.is_export else loaded.networks.get('teacher'),
+                              loaded.networks.get('teacher'),
                               split, loaded.source, out)
 
 

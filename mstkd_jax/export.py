@@ -1,12 +1,15 @@
-"""``--mode=export``: the student alone, for evaluation and prediction.
+"""``--mode=export``: the trained networks and what prediction needs, for evaluation and
+prediction.
 
     python -m mstkd_jax.main --config=configs/brats.py --workdir=runs/brats --mode=export \
         [--checkpoint=best] [--out=runs/brats/student]
 
 writes (default ``<workdir>/export``):
 
-  variables/          Orbax checkpoint of the student's {'params', 'batch_stats'} (no teacher,
-                      discriminator or optimiser states: about 1/6 of a training checkpoint)
+  variables/          Orbax checkpoint of the student's {'params', 'batch_stats'} (no
+                      discriminator or optimiser states)
+  teacher_variables/  the teacher's, unless --export_teacher=false (prediction uses it for a
+                      patient with all four scans when the policy below says so)
   config.json         the full training config (model size, input shape, label layout, ...)
   preprocessing.json  what a new patient needs before the network: input shape, intensity
                       normalisation, voxel spacing, channel order, and the label convention
@@ -14,6 +17,9 @@ writes (default ``<workdir>/export``):
   evaluation.json     the run's 15-subset test evaluation (Dice / HD95 per subset and region,
                       split, number of cases), when the run was evaluated: what predict
                       reports as the expected accuracy for a patient's modalities
+  prediction_policy.json  which network and scans prediction uses for each input, decided
+                      from the run's test evaluation, with the evidence (prediction_policy.py)
+  metadata.json       the networks it holds and each one's evaluation, the policy in short
   manifest.json       what this folder is and where it came from (workdir, step)
 
 ``python -m mstkd_jax.main --mode=eval --checkpoint=<export folder>`` and
@@ -28,6 +34,7 @@ import jax
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import model_facts
+from mstkd_jax import prediction_policy
 from mstkd_jax.data import layouts, pipeline
 from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
@@ -40,10 +47,11 @@ def preprocessing_settings(config):
   return settings
 
 
-def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
+def export_student(config, workdir, checkpoint=None, out=None, overwrite=False, teacher=True):
   """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
-  ``out`` (default ``<workdir>/export``); an existing export there is replaced only with
-  ``overwrite``. Returns the folder."""
+  ``out`` (default ``<workdir>/export``), with the teacher unless ``teacher`` is False, and
+  the prediction policy decided from the run's test evaluation; an existing export there is
+  replaced only with ``overwrite``. Returns the folder."""
   out = os.path.abspath(out or os.path.join(workdir, 'export'))
   if os.path.exists(os.path.join(out, 'variables')) and not overwrite:
     raise FileExistsError(f'{out} already holds an export; pass --overwrite to replace it')
@@ -53,9 +61,13 @@ def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
   manager = ckpt.make_manager(directory, read_only=True)
   step = ckpt.resolve_step(manager, checkpoint)
   manager.close()
-  variables = ckpt.load_networks(config, workdir, str(step), ('student',)).networks['student']
+  networks = ckpt.load_networks(config, workdir, str(step),
+                                 ('student', 'teacher') if teacher else ('student',)).networks
   source = f'{os.path.abspath(workdir)} step {step}'
-  ckpt.save_network(out, variables, config, network='student', source=source, overwrite=True)
+  ckpt.save_network(out, networks['student'], config, network='student', source=source,
+                    overwrite=True)
+  if teacher:
+    ckpt.add_network(out, 'teacher', networks['teacher'])
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(out, 'preprocessing.json'), preprocessing_settings(config),
                       indent=2)
@@ -67,8 +79,10 @@ def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
       print(f'Note: evaluation.json holds the evaluation of {evaluation.get("source")}, not of '
             f'the exported step {step} (run --mode=eval with this checkpoint to replace it).',
             flush=True)
-    write_json_atomic(os.path.join(out, 'metadata.json'), metadata(config, workdir, step),
-                      indent=2)
+    policy = prediction_policy.from_workdir(workdir, has_teacher=teacher)
+    prediction_policy.write(policy, out)
+    write_json_atomic(os.path.join(out, 'metadata.json'),
+                      metadata(config, workdir, step, evaluation, policy, teacher), indent=2)
     manifest_path = os.path.join(out, ckpt.EXPORT_MANIFEST)
     with open(manifest_path) as f:
       manifest = json.load(f)
@@ -84,8 +98,22 @@ def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
   return out
 
 
-def metadata(config, workdir, step):
-  """What the exported network is, in the spirit of a MONAI bundle's metadata.json."""
+def network_summaries(evaluation, teacher):
+  """{network: what it is and how it scored on the held-out evaluation} for metadata.json."""
+  evaluation = evaluation or {}
+  full = (evaluation.get('subsets') or {}).get('FLAIR+T1+T1Gd+T2')
+  out = {'student': {'folder': 'variables', 'inputs': 'any non-empty subset of the four scans',
+                     'evaluation': {'all_four_scans': full,
+                                    'mean_over_15_subsets': evaluation.get(
+                                        'average_over_subsets')}}}
+  if teacher:
+    out['teacher'] = {'folder': 'teacher_variables', 'inputs': 'all four scans',
+                      'evaluation': {'all_four_scans': evaluation.get('teacher')}}
+  return out
+
+
+def metadata(config, workdir, step, evaluation=None, policy=None, teacher=False):
+  """What the exported networks are, in the spirit of a MONAI bundle's metadata.json."""
   loss_cfg = config.loss
   distilled = bool(loss_cfg.lambda_mstkd or loss_cfg.lambda_logit or loss_cfg.lambda_gsme
                    or loss_cfg.content_weight)
@@ -107,6 +135,14 @@ def metadata(config, workdir, step):
                   'activation': 'independent sigmoids', 'threshold': 0.5,
                   'label_conventions': {'brats2024': {'NETC': 1, 'SNFH': 2, 'ET': 3},
                                         'brats2021': {'NCR': 1, 'ED': 2, 'ET': 4}}},
+      'networks': network_summaries(evaluation, teacher),
+      'evaluated_on': {k: (evaluation or {}).get(k) for k in ('split', 'num_cases', 'data',
+                                                              'source')},
+      'prediction_policy': {
+          'all_four_scans': (policy or {}).get('full_input', {}).get('network', 'student'),
+          'per_region_choice_of_scans': bool(
+              (policy or {}).get('subset_selection', {}).get('applied')),
+          'file': prediction_policy.FILE_NAME},
       'training': {'workdir': os.path.abspath(workdir), 'step': int(step),
                    'data_root': str(config.data.root or 'synthetic cases'),
                    'epochs': int(config.train.epochs)},

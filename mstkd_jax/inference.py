@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 from absl import logging
 import jax
@@ -31,6 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import compile_cache
 from mstkd_jax import model_facts
+from mstkd_jax import prediction_policy
+from mstkd_jax.modalities import masked_copies
 from mstkd_jax.models import build
 
 
@@ -232,16 +235,27 @@ def flip(array, flips):
                                       for f in flips)]
 
 
-def box_probabilities(model, image, overlap=None, blend=None, tta=False):
-  """Sigmoid probabilities [bx, by, bz, C] of one preprocessed box [bx, by, bz, 4]; with
-  ``tta`` the mean over the 8 mirrored inputs (each mirrored back), and the per-voxel share of
-  mirrored predictions whose thresholded channels differ from the mean's (else None)."""
+def box_probabilities(model, image, overlap=None, blend=None, tta=False, variables=None,
+                      subsets=None, combine=None):
+  """Sigmoid probabilities [bx, by, bz, C] of one preprocessed box [bx, by, bz, 4] from the
+  student (or ``variables``); with ``tta`` the mean over the 8 mirrored inputs (each mirrored
+  back), and the per-voxel share of mirrored predictions whose thresholded channels differ
+  from the mean's (else None). With ``subsets`` the network runs on the box's masked copy for
+  each of them and ``combine(probs [k, bx, by, bz, C]) -> [bx, by, bz, C]`` merges them (per
+  mirroring). One ``predict`` call for every mirroring and copy."""
+  variables = model.variables if variables is None else variables
+  inputs = image[None] if subsets is None else masked_copies(image, subsets)
+  mirrors = MIRRORS if tta else MIRRORS[:1]
+  batch = np.concatenate([flip(inputs, f) for f in mirrors])
+  outputs = model.inference.predict(variables, batch, overlap=overlap, blend=blend)
+  k = len(inputs)
+  merged = []
+  for i, f in enumerate(mirrors):
+    back = flip(outputs[i * k:(i + 1) * k], f)
+    merged.append(back[0] if combine is None else combine(back))
   if not tta:
-    return model.inference.predict(model.variables, image[None], overlap=overlap,
-                                   blend=blend)[0], None
-  mirrored = np.concatenate([flip(image[None], f) for f in MIRRORS])
-  outputs = model.inference.predict(model.variables, mirrored, overlap=overlap, blend=blend)
-  outputs = np.stack([flip(o[None], f)[0] for o, f in zip(outputs, MIRRORS)])
+    return merged[0], None
+  outputs = np.stack(merged)
   mean = outputs.mean(axis=0)
   final = mean[..., :3] > 0.5
   disagree = np.mean([np.any((o[..., :3] > 0.5) != final, axis=-1) for o in outputs], axis=0)
@@ -254,15 +268,23 @@ def box_probabilities(model, image, overlap=None, blend=None, tta=False):
 
 @dataclasses.dataclass
 class Model:
-  """A loaded network: its config, variables (placed on the devices), inference, where it came
-  from, and what it says about itself (``model_facts.ModelFacts``: the label convention of its
-  training cases, its 15-subset evaluation)."""
+  """A loaded model: its config, the student's variables (placed on the devices), inference,
+  where it came from, what it says about itself (``model_facts.ModelFacts``: the label
+  convention of its training cases, its 15-subset evaluation), the teacher's variables when it
+  carries one, and its prediction policy (``prediction_policy``: which network and scans to
+  use for a patient's input)."""
   config: object
   variables: dict
   inference: object
   source: str
   facts: model_facts.ModelFacts = None
   location: str = ''
+  teacher: Optional[dict] = None
+  policy: Optional[dict] = None
+
+  def network(self, name):
+    """The placed variables of 'student' or 'teacher'."""
+    return self.teacher if name == 'teacher' else self.variables
 
 
 def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
@@ -281,12 +303,18 @@ def load_model(checkpoint, step=None, config=None, batch_size=None) -> Model:
   if ckpt.is_network_export(checkpoint) and step not in (None, 'latest'):
     raise ModelLoadError(f'{checkpoint} is an exported network: --step does not apply')
   try:
-    loaded = ckpt.load_networks(saved, checkpoint, step, names=('student',))
+    loaded = ckpt.load_networks(saved, checkpoint, step, names=('student', 'teacher'))
   except FileNotFoundError as e:
     raise ModelLoadError(str(e)) from e
   except (ValueError, KeyError) as e:
     raise ModelLoadError(f'cannot load the network from {checkpoint}: its weights do not fit '
                          f'its config.json (a checkpoint from another config?): {e}') from e
   inference = get_inference(saved, batch_size)
+  teacher = loaded.networks.get('teacher')
+  try:
+    policy = prediction_policy.read(checkpoint, teacher is not None)
+  except (OSError, ValueError, KeyError) as e:
+    raise ModelLoadError(f'{checkpoint}: cannot read its prediction policy: {e}') from e
   return Model(saved, inference.place(loaded.primary()), inference, loaded.source,
-               model_facts.read(checkpoint, saved), os.path.abspath(checkpoint))
+               model_facts.read(checkpoint, saved), os.path.abspath(checkpoint),
+               inference.place(teacher) if teacher is not None else None, policy)

@@ -9,7 +9,7 @@ colon: ``brats:tiny``) or a Python file; eval and export without it read the wor
 
 Modes: ``train`` (default; trains, validates periodically, then evaluates the 15 modality
 subsets on the test split), ``eval`` (15-subset evaluation of a checkpoint), ``export`` (the
-student alone, for evaluation and prediction).
+student and the teacher with the prediction policy, for evaluation and prediction).
 
 Every local device is used (data parallelism). Several processes (hosts) join through
 ``--coordinator/--num_processes/--process_id``, the ``MSTKD_*`` or ``JAX_*`` variables, or a
@@ -54,6 +54,9 @@ def _define_flags():
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
   flags.DEFINE_integer('max_steps', None, 'train: stop after this many steps (checkpoint saved).')
   flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
+  flags.DEFINE_bool('export_teacher', True, 'export: also carry the teacher (prediction uses it '
+                    'for patients with all four scans when it scored at least as well as the '
+                    'student on the run\'s held-out cases).')
   flags.DEFINE_bool('verbose_libraries', False, 'Show the INFO lines of Orbax and grain.')
   flags.mark_flags_as_required(['workdir'])
 
@@ -108,7 +111,7 @@ def run_mode(config):
     evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)
   elif FLAGS.mode == 'export':
     path = export.export_student(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out,
-                                 overwrite=FLAGS.overwrite)
+                                 overwrite=FLAGS.overwrite, teacher=FLAGS.export_teacher)
     logging.info('exported the student to %s', path)
 
 

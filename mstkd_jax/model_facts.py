@@ -87,9 +87,10 @@ def evaluation_caveat(evaluation, num_cases):
 
 def evaluation_record(summary):
   """The part of an evaluation summary.json that an export carries: per-subset means, the
-  15-subset average, the split, source, data and number of cases."""
+  15-subset average, the teacher's means on all four scans, the split, source, data and
+  number of cases."""
   keep = ('split', 'source', 'data', 'num_cases', 'hd95_convention', 'subsets',
-          'average_over_subsets', 'sliding_window')
+          'average_over_subsets', 'teacher', 'sliding_window')
   return {k: summary[k] for k in keep if k in summary}
 
 

@@ -407,6 +407,11 @@ def _report_text(record, background):
             f'  WT {volumes["WT"]:8.2f}   TC {volumes["TC"]:8.2f}   ET {volumes["ET"]:8.2f}']
   labels = [k for k in volumes if k not in ('WT', 'TC', 'ET')]
   lines.append('  ' + '   '.join(f'{k} {volumes[k]:.2f}' for k in labels))
+  network = record.get('network') or {}
+  if network:
+    lines.append(f'Network:         {network["name"]}')
+    for region, scans in (network.get('scans_per_region') or {}).items():
+      lines.append(f'  {region} from {scans}')
   expected = record.get('expected_accuracy')
   lines += ['', f'Expected Dice with {record["modalities_used"]}']
   if expected:

@@ -161,6 +161,12 @@ def _define_flags(fv):
   flags.DEFINE_bool('report', False, 'Also a one-page picture per case (<out>_report.png): '
                     'three orthogonal slices through the tumour with the predicted regions, '
                     'the volumes, the modalities used and the expected Dice.', flag_values=fv)
+  flags.DEFINE_enum('network', 'auto', ('auto', 'student', 'teacher'), 'Which network: auto '
+                    "(the model's prediction policy: the teacher for all four scans when it is "
+                    'at least as good on held-out cases, a per-region choice of scans where '
+                    'held-out cases support it, else the student on every scan given), student '
+                    '(the student on every scan given), teacher (all four scans only).',
+                    flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Windows per forward pass.', flag_values=fv)
   flags.DEFINE_string('config', None, 'Optional configs/X.py[:variant] the checkpoint must be '
                       'compatible with.', flag_values=fv)
@@ -200,6 +206,9 @@ def check_each_modality_once(argv):
 def _print_expected(model, record):
   expected = record.get('expected_accuracy')
   subset = record['modalities_used']
+  network = record.get('network') or {}
+  if network:
+    print(f'  network with {subset}: {network["name"]}, {network["reason"]}')
   if expected:
     dice = expected['dice']
     print(f'  expected accuracy with {subset}: Dice WT / TC / ET '
@@ -242,7 +251,7 @@ def main(argv=None):
       except ValueError as e:
         raise PredictionError(f'--resample_to: {e}') from e
     kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend,
-                  tta=args.tta, resample_to=args.resample_to)
+                  tta=args.tta, resample_to=args.resample_to, network=args.network)
     if args.input_dir:
       choice = resolve_labels(args.labels, model, paths_only(scan.cases))
       kinds = ', '.join(f'{n} {k}' for k, n in scan.kinds.items() if n)

@@ -34,6 +34,7 @@ class Prediction:
   seconds: float = 0.0
   resampled_to: Optional[str] = None     # the modality whose grid the others were put on
   coverage: dict = dataclasses.field(default_factory=dict)  # {resampled modality: share}
+  plan: Optional[object] = None          # prediction_policy.Plan: which network and scans
 
 
 def check_out(out, folder=False):
@@ -107,16 +108,33 @@ def sidecar_path(out):
   return out + '.json'
 
 
+def expected_scores(model, prediction: Prediction):
+  """{region: {'dice', 'hd95' (may be absent), 'num_cases'}} of the held-out evaluation that
+  fits how this prediction was made: the teacher on all four scans, the per-region choice of
+  scans, or the student on exactly these scans; None when the model carries none."""
+  plan = prediction.plan
+  evaluation = model.facts.evaluation if model.facts else None
+  if plan is not None and plan.network == 'teacher':
+    return (evaluation or {}).get('teacher') or plan.expected
+  if plan is not None and plan.scans:
+    return plan.expected
+  return model.facts.expected(subset_name(prediction.present)) if model.facts else None
+
+
 def case_record(prediction: Prediction, model, case_id, written, threshold=0.5):
   """What a user needs beside the label map, as the sidecar JSON of one case."""
   subset = subset_name(prediction.present)
-  expected = model.facts.expected(subset) if model.facts else None
+  expected = expected_scores(model, prediction)
+  plan = prediction.plan
   record = {
       'case_id': case_id,
       'outputs': [os.path.abspath(p) for p in written],
       'inputs': {m: prediction.inputs.get(m) for m in MODALITIES},
       'modalities_used': subset,
       'modalities_missing': [m for m, p in zip(MODALITIES, prediction.present) if not p],
+      'network': {'name': plan.network if plan else 'student',
+                  'scans_per_region': plan.scans if plan else None,
+                  'reason': plan.reason if plan else 'every scan given'},
       'labels': {'convention': prediction.layout, 'source': prediction.label_source,
                  'values': dict(LABEL_NAMES[prediction.layout])},
       'volumes_ml': tumour_volumes(prediction),
@@ -130,16 +148,17 @@ def case_record(prediction: Prediction, model, case_id, written, threshold=0.5):
       'seconds': round(prediction.seconds, 2),
   }
   if expected:
-    evaluation = model.facts.evaluation
+    evaluation = model.facts.evaluation or {}
     num_cases = max(int(v.get('num_cases', 0)) for v in expected.values())
     record['expected_accuracy'] = {
-        'modalities': subset, 'split': evaluation.get('split'),
-        'evaluated': evaluation.get('source'),
+        'modalities': subset, 'network': record['network']['name'],
+        'split': evaluation.get('split'), 'evaluated': evaluation.get('source'),
         'data': model_facts.describe_data(evaluation),
         'caveat': model_facts.evaluation_caveat(evaluation, num_cases),
         'num_cases': num_cases,
         'dice': {r: round(v['dice'], 4) for r, v in expected.items()},
-        'hd95_mm': {r: round(v['hd95'], 2) for r, v in expected.items()},
+        'hd95_mm': {r: round(v['hd95'], 2) if 'hd95' in v else None
+                    for r, v in expected.items()},
         'hd95_convention': evaluation.get('hd95_convention')}
   return record
 
@@ -175,7 +194,8 @@ def probabilities_path(out):
   return _with_suffix(out, '_probs')
 
 
-VOLUME_COLUMNS = ('case_id', 'modalities_used', 'label_convention', 'WT_ml', 'TC_ml', 'ET_ml')
+VOLUME_COLUMNS = ('case_id', 'modalities_used', 'network', 'label_convention', 'WT_ml',
+                  'TC_ml', 'ET_ml')
 
 
 def write_volumes_csv(records, path):
@@ -194,6 +214,7 @@ def write_volumes_csv(records, path):
   writer.writeheader()
   for record in records:
     row = {'case_id': record['case_id'], 'modalities_used': record['modalities_used'],
+           'network': (record.get('network') or {}).get('name', 'student'),
            'label_convention': record['labels']['convention']}
     row.update({f'{k}_ml': v for k, v in record['volumes_ml'].items()})
     expected = (record.get('expected_accuracy') or {}).get('dice', {})

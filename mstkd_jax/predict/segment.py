@@ -1,5 +1,6 @@
 """Segmenting patients: one patient's files (``predict_files``) and a folder of cases with
-``--continue`` (``predict_folder``), through the inference module's forward pass.
+``--continue`` (``predict_folder``), through the inference module's forward pass, with the
+network and scans the model's prediction policy chooses for the scans at hand.
 """
 
 import os
@@ -10,28 +11,52 @@ from absl import logging
 import numpy as np
 
 from mstkd_jax import inference
+from mstkd_jax import prediction_policy
+from mstkd_jax import subset_selection
 from mstkd_jax.data import pipeline
 from mstkd_jax.logging_utils import Progress
-from mstkd_jax.modalities import MODALITIES, channel_index
+from mstkd_jax.modalities import ALL_SUBSETS, MODALITIES, channel_index, parse_subset
 from mstkd_jax.predict import outputs
 from mstkd_jax.predict.cases import check_paths, paths_only, preprocess
 from mstkd_jax.predict.errors import PredictionError, write_error
 from mstkd_jax.predict.labels import LabelChoice, probs_to_labels, resolve_labels
 
+def network_probabilities(model: inference.Model, image, plan, overlap=None, blend=None,
+                          tta=False):
+  """(probabilities, TTA disagreement or None) of one preprocessed box under ``plan``
+  (``prediction_policy.Plan``): the teacher or the student on every scan given, or the
+  student once per sub-subset of scans the plan's regions need, composed per region."""
+  variables = model.network(plan.network)
+  if not plan.scans:
+    return inference.box_probabilities(model, image, overlap, blend, tta, variables)
+  chosen = {r: subset_selection.parse_candidate(c) for r, c in plan.scans.items()}
+  needed = sorted({n for c in chosen.values() for n in c},
+                  key=lambda n: ALL_SUBSETS.index(parse_subset(n)))
+  return inference.box_probabilities(
+      model, image, overlap, blend, tta, variables, [parse_subset(n) for n in needed],
+      lambda probs: subset_selection.combine(chosen, dict(zip(needed, probs))))
+
+
 def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, overlap=None,
                   blend=None, case_id='patient', option_names=(), tta=False,
-                  resample_to=None) -> outputs.Prediction:
+                  resample_to=None, network='auto') -> outputs.Prediction:
   """Segments one patient: ``paths`` maps modality names (FLAIR/t2f/flair, T1/t1n/t1,
   T1Gd/t1c/t1ce, T2/t2w/t2) to NIfTI files, any non-empty subset. ``labels``: a
   ``LabelChoice`` of the run, or a --labels value resolved for this case alone.
   ``resample_to``: a modality whose voxel grid the others are resampled onto first
-  (``regrid.onto_grid_of``); the output is then in its geometry."""
+  (``regrid.onto_grid_of``); the output is then in its geometry. ``network``: 'auto' (the
+  model's prediction policy), 'student' or 'teacher' (``prediction_policy.plan``)."""
   started = time.time()
   given = check_paths(paths)
   choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
       labels, model, given.values(), option_names)
   image, meta, coverage = preprocess(model, given, case_id, resample_to)
-  box_probs, box_disagreement = inference.box_probabilities(model, image, overlap, blend, tta)
+  try:
+    plan = prediction_policy.plan(model.policy, meta['present'], network,
+                                  model.teacher is not None)
+  except ValueError as e:
+    raise PredictionError(str(e)) from e
+  box_probs, box_disagreement = network_probabilities(model, image, plan, overlap, blend, tta)
   probs = pipeline.restore_geometry(box_probs, meta, order=1).astype(np.float32)
   # Outside the box the model saw nothing: background with probability 1 there.
   seen = pipeline.restore_geometry(np.ones(box_probs.shape[:3], np.float32), meta, order=1)
@@ -45,7 +70,7 @@ def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, o
   return outputs.Prediction(
       seg, probs, choice.layout, meta, tuple(meta['present']), choice.source, uncertainty, tta,
       inputs, time.time() - started,
-      MODALITIES[channel_index(resample_to)] if resample_to else None, coverage)
+      MODALITIES[channel_index(resample_to)] if resample_to else None, coverage, plan)
 
 
 def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=False,

@@ -1,0 +1,255 @@
+"""Does the prediction policy give every input at least what the student alone gives, and
+all four scans at least what any subset gives? Cross-fitted over compare_variants.py's folds.
+
+  python experiments/prediction_policy_eval.py --out runs/cv30 --folds 5 \
+      --variants mstkd,plain [--min-cases 10] [--report policy_report]
+
+For every finished run ``<out>/fold<k>/<variant>`` the policy of ``mstkd_jax.prediction_policy``
+is decided from the test cases of the *other* folds (``decide`` on their ``eval/per_case.csv``:
+other networks of the same recipe, cases this run's test cases are not among), as an export
+whose held-out evaluation had those cases would decide it, and applied to this run's test
+cases: for all four scans the teacher when the policy says so (its rows of the run's
+evaluation), for every input the student's per-region choice of scans where the policy
+carries one (the student run on each needed subset, regions composed as prediction does),
+else the student on every scan (the run's evaluation). Per case and input: Dice and HD95
+(``<workdir>/eval/policy_crossfit.csv``, the per_case.csv layout).
+
+Report (``<out>/<report>.md`` / ``.json``), per variant:
+  * all four scans, teacher minus student per region: mean, interval over test cases and over
+    runs, cases better / worse;
+  * the policy against the student alone, per input and the 15-subset mean (paired, as
+    compare_variants: interval over cases and over runs);
+  * all four scans against the best other input, and the add-a-scan steps that lower Dice
+    (``report.dominance``), before and after;
+  * what each fold's policy decided.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from compare_variants import REGIONS, _diff_cell, paired, run_dir, t975  # noqa: E402
+from mstkd_jax import prediction_policy as policy_lib  # noqa: E402
+from mstkd_jax import report  # noqa: E402
+from mstkd_jax import subset_selection as sel  # noqa: E402
+from mstkd_jax.modalities import ALL_SUBSETS, FULL, masked_copies, subset_name  # noqa: E402
+
+FULL_NAME = subset_name(FULL)
+
+
+def per_case(workdir):
+  return report.read_per_case_csv(os.path.join(workdir, 'eval', 'per_case.csv'))
+
+
+def crossfit_policies(runs, min_cases):
+  """{workdir: the policy decided from the other runs' test evaluations}."""
+  out = {}
+  for fold, workdir in runs:
+    rows = [r for other_fold, other in runs if other_fold != fold for r in per_case(other)]
+    out[workdir] = policy_lib.decide(rows, has_teacher=True, min_cases=min_cases,
+                                     held_out={'from': 'the other folds\' test cases'})
+  return out
+
+
+def apply_policy(workdir, out, fold, policy):
+  """The policy's per-case rows on the run's test cases (module doc)."""
+  from mstkd_jax import checkpoint as ckpt
+  from mstkd_jax import inference as inference_lib
+  from mstkd_jax import metrics
+  from mstkd_jax.data import pipeline
+  own = per_case(workdir)
+  teacher_rows = [dict(r, subset=FULL_NAME) for r in own if r['subset'] == report.TEACHER_SUBSET]
+  student_rows = [r for r in own if r['subset'] != report.TEACHER_SUBSET]
+  plans = {subset_name(s): policy_lib.plan(policy, s, has_teacher=True) for s in ALL_SUBSETS}
+  rows = [r for r in student_rows if plans[r['subset']].network == 'student'
+          and not plans[r['subset']].scans]
+  if plans[FULL_NAME].network == 'teacher':
+    rows += teacher_rows
+  composed = [name for name, plan in plans.items() if plan.scans]
+  if composed:
+    config = ckpt.load_config(workdir)
+    config.data.split_file = os.path.join(out, f'split_fold{fold}.json')
+    config.data.cache_dir = os.path.join(out, 'cache')
+    student = ckpt.load_networks(config, workdir, 'latest', names=('student',)).primary()
+    inference = inference_lib.get_inference(config)
+    student = inference.place(student)
+    dataset = pipeline.prepare(config, workdir, splits=('test',), progress=False)
+    convention = config.eval.get('hd95_convention', 'brats')
+    for case in pipeline.load_eval_cases(dataset, 'test'):
+      probs = dict(zip([subset_name(s) for s in ALL_SUBSETS],
+                       inference.run(student, masked_copies(case.image, ALL_SUBSETS))))
+      truth = metrics.region_masks(case.label)
+      for name in composed:
+        chosen = {r: sel.parse_candidate(c) for r, c in plans[name].scans.items()}
+        scores = metrics.case_metrics(metrics.region_masks(sel.combine(chosen, probs)), truth,
+                                      case.spacing, convention)
+        rows += report.metric_rows(case.case_id, name, scores)
+  path = os.path.join(workdir, 'eval', 'policy_crossfit.csv')
+  report.write_per_case_csv(rows, path)
+  with open(os.path.join(workdir, 'eval', 'policy_crossfit.json'), 'w') as f:
+    json.dump(policy, f, indent=1)
+  return rows
+
+
+def interval(values):
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return float(values.mean()), float('nan'), float('nan')
+  half = t975(len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+  return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
+def teacher_vs_student(runs):
+  """Per region: teacher minus student on all four scans, over cases and over runs."""
+  out = {}
+  for region in REGIONS:
+    diffs, by_run = [], []
+    for fold, workdir in runs:
+      rows = per_case(workdir)
+      teacher = {r['case']: r['dice'] for r in rows
+                 if r['subset'] == report.TEACHER_SUBSET and r['region'] == region}
+      student = {r['case']: r['dice'] for r in rows
+                 if r['subset'] == FULL_NAME and r['region'] == region}
+      run = [teacher[c] - student[c] for c in teacher if c in student]
+      diffs += run
+      by_run.append(np.mean(run))
+    mean, low, high = interval(diffs)
+    _, run_low, run_high = interval(by_run)
+    out[region] = {'mean': mean, 'ci95': [low, high], 'run_ci95': [run_low, run_high],
+                   'better': int(np.sum(np.asarray(diffs) > 0)),
+                   'worse': int(np.sum(np.asarray(diffs) < 0)), 'cases': len(diffs),
+                   'runs': len(by_run)}
+  return out
+
+
+def full_minus_best(rows):
+  """Per region: the mean Dice with all four scans minus the best other input's (over cases)."""
+  out = {}
+  for region in REGIONS:
+    means = {}
+    for r in rows:
+      if r['region'] == region:
+        means.setdefault(r['subset'], []).append(r['dice'])
+    means = {k: float(np.mean(v)) for k, v in means.items()}
+    best = max((k for k in means if k != FULL_NAME), key=means.get)
+    out[region] = {'all_four': means[FULL_NAME], 'best_other': means[best], 'which': best,
+                   'difference': means[FULL_NAME] - means[best]}
+  return out
+
+
+def summarise(runs, policy_rows, policies):
+  tagged = lambda table: [dict(r, fold=fold, seed=0) for fold, workdir in runs
+                          for r in table[workdir]]
+  student = tagged({w: [r for r in per_case(w) if r['subset'] != report.TEACHER_SUBSET]
+                    for _, w in runs})
+  policy = tagged(policy_rows)
+  return {
+      'runs': len(runs), 'cases': len({r['case'] for r in student}),
+      'teacher_vs_student_all_four': teacher_vs_student(runs),
+      'policy_vs_student': paired(policy, student),
+      'mean_15': {name: {reg: float(np.mean([r['dice'] for r in rows if r['region'] == reg]))
+                         for reg in REGIONS}
+                  for name, rows in (('student', student), ('policy', policy))},
+      'all_four_minus_best': {'student': full_minus_best(student),
+                              'policy': full_minus_best(policy)},
+      'dominance': {'student': report.dominance(student)['regions'],
+                    'policy': report.dominance(policy)['regions']},
+      'decisions': {f'fold{fold}': {
+          'all_four': policies[w]['full_input']['network'],
+          'teacher_minus_student': policies[w]['full_input'].get('teacher_minus_student'),
+          'selection': policies[w]['subset_selection']['applied'],
+          'selection_changes': sel.describe(policies[w]['subset_selection']['rule'])
+          if policies[w]['subset_selection']['rule'] else ''} for fold, w in runs},
+  }
+
+
+def markdown(result, argv):
+  lines = ['# The prediction policy, cross-fitted', '',
+           f'Command: `python experiments/prediction_policy_eval.py {" ".join(argv)}`', '']
+  for variant, e in result.items():
+    lines += [f'## {variant} ({e["runs"]} runs, {e["cases"]} test cases)', '',
+              'All four scans, teacher minus student (Dice points; interval over cases, '
+              'cases better / worse; interval over runs):', '',
+              '| region | teacher - student | over runs |', '|---|---|---|']
+    for region, x in e['teacher_vs_student_all_four'].items():
+      cases = _diff_cell(x['mean'], *x['ci95'], f'{x["better"]}/{x["worse"]}')
+      over_runs = _diff_cell(x['mean'], *x['run_ci95'], f'{x["runs"]} runs')
+      lines.append(f'| {region} | {cases} | {over_runs} |')
+    lines += ['', '15-subset mean Dice WT / TC / ET: student alone '
+              + ' / '.join(f'{100 * e["mean_15"]["student"][r]:.1f}' for r in REGIONS)
+              + ', policy ' + ' / '.join(f'{100 * e["mean_15"]["policy"][r]:.1f}'
+                                         for r in REGIONS), '',
+              'Policy minus student alone, per input (Dice points; interval over cases, '
+              'better / worse):', '', '| input | WT | TC | ET |', '|---|---|---|---|']
+    pairs = e['policy_vs_student']
+    rows = [('15-subset mean', pairs['mean_15'])]
+    rows += [(name, pairs['per_subset'].get(name, {})) for name in report.SUBSET_NAMES]
+    for label, entry in rows:
+      cells = [_diff_cell(x['mean'], *x['ci95'], f'{x["improved"]}/{x["worse"]}') if x
+               else '-' for x in (entry.get(r) for r in REGIONS)]
+      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+      if label == '15-subset mean':
+        cells = ['-' if not x or np.isnan(x['run_ci95'][0]) else
+                 _diff_cell(x['run_mean'], *x['run_ci95'], f'over {x["runs"]} runs')
+                 for x in (entry.get(r) for r in REGIONS)]
+        lines.append('| 15-subset mean, run-level | ' + ' | '.join(cells) + ' |')
+    lines += ['', '| | all four minus the best other input WT / TC / ET | add-a-scan steps '
+              'lowering Dice (outside the noise) WT / TC / ET |', '|---|---|---|']
+    for who in ('student', 'policy'):
+      best = e['all_four_minus_best'][who]
+      dom = e['dominance'][who]
+      lines.append(f'| {who} | ' + ' / '.join(
+          f'{100 * best[r]["difference"]:+.1f} ({best[r]["which"]})' for r in REGIONS)
+          + ' | ' + ' / '.join(f'{dom[r]["lower"]} ({dom[r]["lower_outside_noise"]})'
+                               for r in REGIONS) + ' |')
+    lines += ['', 'Decisions (each from the other folds\' test cases):', '']
+    for fold, d in e['decisions'].items():
+      diff = d['teacher_minus_student'] or {}
+      lines.append(f'* {fold}: all four -> {d["all_four"]}'
+                   + (f' (teacher - student {100 * diff["mean"]:+.1f} points)' if diff else '')
+                   + f'; per-region choice of scans: {"on" if d["selection"] else "off"}'
+                   + (': ' + '; '.join(d['selection_changes'].splitlines())
+                      if d['selection_changes'] else ''))
+    lines.append('')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='the folder of compare_variants.py runs')
+  parser.add_argument('--variants', default='mstkd,plain')
+  parser.add_argument('--folds', type=int, default=5)
+  parser.add_argument('--min-cases', type=int, default=policy_lib.MIN_SELECTION_CASES)
+  parser.add_argument('--report', default='policy_report')
+  args = parser.parse_args(argv)
+  result = {}
+  for variant in [v for v in args.variants.split(',') if v]:
+    runs = [(k, run_dir(args.out, k, 0, variant)) for k in range(args.folds)]
+    runs = [(k, w) for k, w in runs if os.path.exists(os.path.join(w, 'eval', 'per_case.csv'))]
+    if len(runs) < 2:
+      print(f'{variant}: fewer than 2 finished runs')
+      continue
+    policies = crossfit_policies(runs, args.min_cases)
+    policy_rows = {w: apply_policy(w, args.out, k, policies[w]) for k, w in runs}
+    result[variant] = summarise(runs, policy_rows, policies)
+    print(f'[policy] {variant}: {len(runs)} runs', flush=True)
+  path = os.path.join(args.out, args.report)
+  with open(path + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+  text = markdown(result, argv)
+  with open(path + '.md', 'w') as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
