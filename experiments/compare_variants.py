@@ -294,6 +294,20 @@ def _pct(x):
   return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
 
 
+def paired_table_rows(label, entry, run_level=False):
+  """Markdown rows of one entry of ``paired`` ({region: ...}): the case-level cells, and with
+  ``run_level`` a second row with the run-level interval."""
+  cells = [_diff_cell(e['mean'], *e['ci95'], f'{e["improved"]}/{e["worse"]}') if e else '-'
+           for e in (entry.get(reg) for reg in REGIONS)]
+  rows = [f'| {label} | ' + ' | '.join(cells) + ' |']
+  if run_level:
+    cells = ['-' if not e or math.isnan(e['run_ci95'][0]) else
+             _diff_cell(e['run_mean'], *e['run_ci95'], f'over {e["runs"]} runs')
+             for e in (entry.get(reg) for reg in REGIONS)]
+    rows.append(f'| {label}, run-level interval | ' + ' | '.join(cells) + ' |')
+  return rows
+
+
 def _diff_cell(mean, lo, hi, tail):
   """'+1.2 [-0.3, +2.7] <tail>', with ' *' when the interval excludes 0."""
   flag = ' *' if (lo > 0 or hi < 0) else ''
@@ -362,19 +376,7 @@ def markdown(report, args):
     lines += ['', f'## Paired: {v} minus {args.baseline} (Dice points, 95 % CI over test cases; '
               'improved / worse cases)', '', '| subsets | WT | TC | ET |', '|---|---|---|---|']
     for label, entry in [('15-subset mean', p['mean_15'])] + list(p['per_subset'].items()):
-      cells = []
-      for reg in REGIONS:
-        e = entry.get(reg)
-        if not e:
-          cells.append('-')
-          continue
-        cells.append(_diff_cell(e['mean'], *e['ci95'], f'{e["improved"]}/{e["worse"]}'))
-      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-      if label == '15-subset mean':
-        cells = ['-' if not e or math.isnan(e['run_ci95'][0]) else
-                 _diff_cell(e['run_mean'], *e['run_ci95'], f'over {e["runs"]} runs')
-                 for e in (entry.get(reg) for reg in REGIONS)]
-        lines.append('| 15-subset mean, run-level interval | ' + ' | '.join(cells) + ' |')
+      lines += paired_table_rows(label, entry, run_level=label == '15-subset mean')
     lines.append('')
     lines.append('`*`: the 95 % interval excludes 0. The run-level interval takes each training '
                  'run (fold x seed: its test cases share its noise) as one unit; it is the one '

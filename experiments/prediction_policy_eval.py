@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_variants import REGIONS, _diff_cell, paired, run_dir, t975  # noqa: E402
+from compare_variants import (REGIONS, _diff_cell, paired, paired_table_rows,  # noqa: E402
+                              run_dir, t975)
 from mstkd_jax import prediction_policy as policy_lib  # noqa: E402
 from mstkd_jax import report  # noqa: E402
 from mstkd_jax import subset_selection as sel  # noqa: E402
@@ -192,14 +193,7 @@ def markdown(result, argv):
     rows = [('15-subset mean', pairs['mean_15'])]
     rows += [(name, pairs['per_subset'].get(name, {})) for name in report.SUBSET_NAMES]
     for label, entry in rows:
-      cells = [_diff_cell(x['mean'], *x['ci95'], f'{x["improved"]}/{x["worse"]}') if x
-               else '-' for x in (entry.get(r) for r in REGIONS)]
-      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-      if label == '15-subset mean':
-        cells = ['-' if not x or np.isnan(x['run_ci95'][0]) else
-                 _diff_cell(x['run_mean'], *x['run_ci95'], f'over {x["runs"]} runs')
-                 for x in (entry.get(r) for r in REGIONS)]
-        lines.append('| 15-subset mean, run-level | ' + ' | '.join(cells) + ' |')
+      lines += paired_table_rows(label, entry, run_level=label == '15-subset mean')
     lines += ['', '| | all four minus the best other input WT / TC / ET | add-a-scan steps '
               'lowering Dice (outside the noise) WT / TC / ET |', '|---|---|---|']
     for who in ('student', 'policy'):

@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_variants import REGIONS, _diff_cell, paired, parse_variant, run_dir  # noqa: E402
+from compare_variants import (REGIONS, paired, paired_table_rows, parse_variant,  # noqa: E402
+                              run_dir)
 from mstkd_jax import report  # noqa: E402
 from mstkd_jax import subset_selection as sel  # noqa: E402
 from mstkd_jax.modalities import ALL_SUBSETS, subset_name  # noqa: E402
@@ -218,14 +219,8 @@ def markdown(result, argv):
         continue
       for label, entry in (('15-subset mean', e['paired']['mean_15']),
                            ('all four', e['paired']['per_subset'].get(full, {}))):
-        cells = [_diff_cell(x['mean'], *x['ci95'], f'{x["improved"]}/{x["worse"]}') if x
-                 else '-' for x in (entry.get(r) for r in REGIONS)]
-        lines.append(f'| {name} | {label} | ' + ' | '.join(cells) + ' |')
-        if label == '15-subset mean':
-          cells = ['-' if not x or np.isnan(x['run_ci95'][0]) else
-                   _diff_cell(x['run_mean'], *x['run_ci95'], f'over {x["runs"]} runs')
-                   for x in (entry.get(r) for r in REGIONS)]
-          lines.append(f'| {name} | 15-subset mean, run-level | ' + ' | '.join(cells) + ' |')
+        lines += paired_table_rows(f'{name} | {label}', entry,
+                                   run_level=label == '15-subset mean')
     lines.append('')
   return '\n'.join(lines) + '\n'
 
