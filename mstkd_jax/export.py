@@ -29,6 +29,7 @@ import jax
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import model_facts
 from mstkd_jax.data import layouts, pipeline
+from mstkd_jax.disk import folder_bytes
 from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
 
@@ -40,21 +41,40 @@ def preprocessing_settings(config):
   return settings
 
 
+def output_folder(workdir, out=None):
+  """Where an export of ``workdir`` goes: ``out``, default ``<workdir>/export``."""
+  return os.path.abspath(out or os.path.join(workdir, 'export'))
+
+
+def is_complete(out):
+  """True when ``out`` holds a complete export: its manifest, written last, names the step."""
+  try:
+    with open(os.path.join(out, ckpt.EXPORT_MANIFEST)) as f:
+      return 'step' in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
+
+
 def export_student(config, workdir, checkpoint=None, out=None, overwrite=False):
   """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
-  ``out`` (default ``<workdir>/export``); an existing export there is replaced only with
-  ``overwrite``. Returns the folder."""
-  out = os.path.abspath(out or os.path.join(workdir, 'export'))
-  if os.path.exists(os.path.join(out, 'variables')) and not overwrite:
+  ``out`` (default ``<workdir>/export``); a complete export there is replaced only with
+  ``overwrite``, an incomplete one (an interrupted export) always. The manifest is written
+  last: an export without it is incomplete (``is_complete``). Returns the folder."""
+  out = output_folder(workdir, out)
+  if is_complete(out) and not overwrite:
     raise FileExistsError(f'{out} already holds an export; pass --overwrite to replace it')
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: nothing to export')
   manager = ckpt.make_manager(directory, read_only=True)
-  step = ckpt.resolve_step(manager, checkpoint)
-  manager.close()
+  try:
+    step = ckpt.resolve_step(manager, checkpoint)
+  finally:
+    manager.close()
   variables = ckpt.load_networks(config, workdir, str(step), ('student',)).networks['student']
   source = f'{os.path.abspath(workdir)} step {step}'
+  if jax.process_index() == 0 and os.path.exists(os.path.join(out, ckpt.EXPORT_MANIFEST)):
+    os.remove(os.path.join(out, ckpt.EXPORT_MANIFEST))   # incomplete until written again
   ckpt.save_network(out, variables, config, network='student', source=source, overwrite=True)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(out, 'preprocessing.json'), preprocessing_settings(config),
@@ -113,14 +133,3 @@ def metadata(config, workdir, step):
       'intended_use': 'research only; not a medical device, not for clinical decisions',
       'license': 'set by the owner of the training data and weights (fill in before sharing)',
   }
-
-
-def folder_bytes(path):
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        total += os.path.getsize(os.path.join(root, name))
-      except OSError:
-        pass
-  return total
