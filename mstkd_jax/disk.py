@@ -12,6 +12,7 @@ what the user reads; ``MSTKD_TRACEBACK=1`` shows them.
 
 import errno
 import glob
+import logging
 import os
 import re
 import shutil
@@ -131,6 +132,25 @@ def quiet_background_errors():
   threading.excepthook = on_thread
   sys.unraisablehook = on_unraisable
   sys.excepthook = on_except
+  for name in ('asyncio', 'absl'):
+    logging.getLogger(name).addFilter(_WriterNoise())
+
+
+class _WriterNoise(logging.Filter):
+  """Error records of the writes that failed with the real error: asyncio's "exception was
+  never retrieved", Orbax's reports of its failed save threads (a full disk)."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    noise = error is not None and _is_noise(error)
+    if record.name == 'absl':
+      noise = (noise or bool(_FULL_TEXT.search(str(record.msg)))) and (
+          f'{os.sep}orbax{os.sep}' in (record.pathname or ''))
+    if noise:
+      _quiet['dropped'] += 1
+    return not noise
 
 
 def dropped():

@@ -58,7 +58,7 @@ class CheckpointSaveError(RuntimeError):
     last = (f'the last good checkpoint is step {done[-1]} in {manager.directory}' if done
             else 'no earlier checkpoint exists')
     if needed is not None:
-      reason = f'not enough space: it needs about {disk.megabytes(needed)}, as the last one'
+      reason = f'not enough space: it needs about {disk.megabytes(needed)}'
     elif disk.is_full(error):
       reason = 'No space left on device'
     else:
@@ -68,16 +68,17 @@ class CheckpointSaveError(RuntimeError):
                      'the permissions, then re-run the same command to resume from it.')
 
 
-def check_checkpoint_space(manager, step):
+def check_checkpoint_space(manager, step, state):
   """Raises CheckpointSaveError before a save when the filesystem has less free space than
-  the last complete checkpoint takes (the new one is written before an old one is deleted):
-  a full disk stops training with one line, not in the middle of Orbax's writes."""
+  a checkpoint takes (the last complete one, or 90 % of the state's bytes while none is: the
+  weights barely compress): a full disk stops training with one line, not in the middle of
+  Orbax's writes. The new checkpoint is written before an old one is deleted."""
   needed = 0
   if parallel.is_main_process():
     done = ckpt.saved_steps(manager.directory)
-    if done:
-      size = disk.folder_bytes(os.path.join(manager.directory, str(done[-1])))
-      needed = size if disk.enough_for(manager.directory, size) is not None else 0
+    size = (disk.folder_bytes(os.path.join(manager.directory, str(done[-1]))) if done else
+            int(0.9 * sum(x.nbytes for x in jax.tree.leaves(state))))
+    needed = size if disk.enough_for(manager.directory, size) is not None else 0
   if parallel.any_process(needed > 0):
     raise CheckpointSaveError(step, manager, needed=needed or None)
 
@@ -445,7 +446,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
 
   def save(data_state, val_dice=None, force=False):
     nonlocal last_saved
-    check_checkpoint_space(manager, step)
+    finish_saves()        # Orbax waits for the previous save anyway; its failure is its own
+    check_checkpoint_space(manager, step, state)
     try:
       ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
                 val_dice=val_dice, force=force)
