@@ -229,7 +229,8 @@ def test_brats2023_equals_the_official_script_on_real_labels(tmp_path, official_
 def official_2025():
   """The brats_evaluation module."""
   return pytest.importorskip('brats_evaluation',
-                             reason='pip install brats-evaluation panoptica for the BraTS 2025 metrics')
+                             reason='pip install brats-evaluation panoptica for the BraTS '
+                             '2025 metrics')
 
 
 @pytest.mark.usefixtures('official_2025')
