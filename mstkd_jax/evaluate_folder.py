@@ -29,8 +29,8 @@ Lesion-wise metrics of the BraTS challenges (--challenge picks the challenge's p
 Dice and HD95 (surface-distance's HD95) and lesion counts, in lesion_wise.csv
 (mstkd_jax/lesionwise.py). --lesion_wise=brats2025: the official brats-evaluation package
 (panoptica; pip install brats-evaluation panoptica, or ".[brats]" in a checkout): lesion-wise
-Dice, NSD, HD95, PQ and counts of matched instances in lesion_wise_brats2025.csv, with the package's own JSON and CSV
-(mstkd_jax/lesionwise_brats2025.py).
+Dice, NSD, HD95, PQ and counts of matched instances in lesion_wise_brats2025.csv, with the
+package's own JSON and CSV (mstkd_jax/lesionwise_brats2025.py).
 """
 
 import csv

@@ -73,7 +73,8 @@ def test_a_reused_pid_or_a_reboot_does_not_hold_the_lock(tmp_path):
 
 def test_a_live_process_on_this_host_holds_it(tmp_path):
   folder = str(tmp_path / 'work')
-  _write_lock(folder, pid=os.getppid(), pid_start=workdir_lock._start_ticks(os.getppid()))  # pylint: disable=protected-access
+  parent_start = workdir_lock._start_ticks(os.getppid())   # pylint: disable=protected-access
+  _write_lock(folder, pid=os.getppid(), pid_start=parent_start)
   with pytest.raises(workdir_lock.FolderBusy, match=f'pid {os.getppid()}'):
     workdir_lock.hold(folder, 'training').acquire()
 
