@@ -54,11 +54,16 @@ import uuid
 from absl import logging
 
 from mstkd_jax.cli import InputError
+from mstkd_jax.disk import FULL_ERRNOS
 
 LOCK_NAME = '.mstkd.lock'
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 _ATTEMPTS = 5
+
+
+class FolderNotWritable(InputError):
+  """The folder cannot be created or written (permissions, a read-only filesystem)."""
 
 
 class FolderBusy(InputError):
@@ -112,7 +117,16 @@ class FolderLock:
 
   def acquire(self):
     """Takes the lock (creating the folder) or raises FolderBusy; a stale lock is taken
-    over. Other problems (a folder that cannot be written) raise OSError."""
+    over. A folder that cannot be written raises FolderNotWritable, a full disk OSError."""
+    try:
+      return self._acquire()
+    except OSError as e:
+      if e.errno in FULL_ERRNOS:
+        raise
+      raise FolderNotWritable(f'cannot write into {self.folder} ({e.strerror}): it must be a '
+                              'folder this user can write') from e
+
+  def _acquire(self):
     os.makedirs(self.folder, exist_ok=True)
     self.record = _new_record(self.purpose)
     for _ in range(_ATTEMPTS):
@@ -123,6 +137,10 @@ class FolderLock:
       holder, readable = _read(self.path)
       if readable is None:
         continue                       # removed meanwhile: try again
+      if holder is not None and holder.get('token') == self.record['token']:
+        self._start_heartbeat()        # NFS: our link was made, its reply was lost
+        atexit.register(self.release)
+        return self
       if not _is_stale(holder, self.path):
         raise FolderBusy(self.folder, holder, self.path)
       reason = _stale_reason(holder, self.path)

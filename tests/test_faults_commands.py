@@ -211,3 +211,14 @@ def test_the_readme_says_python_m_commands_run_from_the_checkout():
   assert 'run from the checkout' in quick_start, 'the Quick start must say where to run them'
   training = text[text.index('## Training on BraTS'):text.index('## Evaluation, prediction')]
   assert 'from the checkout' in training.lower()
+
+
+def test_a_full_disk_outside_a_checkpoint_save_names_the_file_and_the_last_checkpoint(tmp_path):
+  workdir = tmp_path / 'work'
+  (workdir / 'checkpoints' / '3').mkdir(parents=True)
+  target = str(workdir / 'metrics.jsonl')
+  message = main.full_disk_message(OSError(errno.ENOSPC, 'No space left on device', target),
+                                    'train', str(workdir))
+  assert message.startswith(f'could not write {target}: No space left on device (')
+  assert 'MB free on the filesystem of' in message
+  assert f'the last good checkpoint is step 3 in {workdir}/checkpoints' in message

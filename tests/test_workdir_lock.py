@@ -186,3 +186,22 @@ def test_a_second_command_on_a_held_folder_fails_at_once_naming_the_holder(tmp_p
       f'{socket.gethostname()}, since ' in errors[0]
   assert seconds < 60
   assert os.path.isdir(held) and (workdir / 'config.json').exists()   # nothing removed
+
+
+def test_without_hard_links_the_lock_is_created_exclusively(tmp_path, monkeypatch):
+  def no_links(src, dst):
+    raise PermissionError(1, 'Operation not permitted')
+  monkeypatch.setattr(os, 'link', no_links)
+  folder = str(tmp_path / 'work')
+  with workdir_lock.hold(folder, 'training'):
+    assert workdir_lock.read_holder(folder)['pid'] == os.getpid()
+    with pytest.raises(workdir_lock.FolderBusy):
+      workdir_lock.hold(folder, 'training').acquire()
+  assert os.listdir(folder) == []
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  with pytest.raises(workdir_lock.FolderNotWritable, match='cannot write into .*a_file/work'):
+    workdir_lock.hold(str(blocker / 'work'), 'training').acquire()
