@@ -36,12 +36,13 @@ def is_full(error):
 
 
 def free_bytes(path):
-  """Bytes free for this user on the filesystem of ``path`` (its nearest existing parent)."""
+  """Bytes free for this user on the filesystem of ``path`` (its nearest existing parent), or
+  None where the filesystem does not say (a size of 0 blocks: some network and FUSE mounts)."""
   path = os.path.abspath(path)
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
   st = os.statvfs(path)
-  return st.f_bavail * st.f_frsize
+  return st.f_bavail * st.f_frsize if st.f_blocks else None
 
 
 def folder_bytes(path):
@@ -63,9 +64,12 @@ def megabytes(n):
 def space(path):
   """``'3.2 MB free on the filesystem of <path>'`` (or why that is unknown)."""
   try:
-    return f'{megabytes(free_bytes(path))} free on the filesystem of {path}'
+    free = free_bytes(path)
   except OSError as e:
     return f'free space of {path} unknown ({e.strerror})'
+  if free is None:
+    return f'free space of {path} unknown'
+  return f'{megabytes(free)} free on the filesystem of {path}'
 
 
 def enough_for(path, needed):
@@ -74,7 +78,7 @@ def enough_for(path, needed):
     free = free_bytes(path)
   except OSError:
     return None
-  return None if free >= needed else free
+  return None if free is None or free >= needed else free
 
 
 def remove_orbax_temporaries(directory):

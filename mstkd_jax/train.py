@@ -59,6 +59,8 @@ class CheckpointSaveError(RuntimeError):
             else 'no earlier checkpoint exists')
     if needed is not None:
       reason = f'not enough space: it needs about {disk.megabytes(needed)}'
+    elif error is None:
+      reason = 'not enough space, as process 0 found'
     elif disk.is_full(error):
       reason = 'No space left on device'
     else:

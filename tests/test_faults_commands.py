@@ -222,3 +222,16 @@ def test_a_full_disk_outside_a_checkpoint_save_names_the_file_and_the_last_check
   assert message.startswith(f'could not write {target}: No space left on device (')
   assert 'MB free on the filesystem of' in message
   assert f'the last good checkpoint is step 3 in {workdir}/checkpoints' in message
+
+
+def test_free_space_is_checked_only_where_the_filesystem_says(tmp_path, monkeypatch):
+  assert disk.enough_for(str(tmp_path), 1) is None
+  assert disk.enough_for(str(tmp_path), 1 << 62) is not None
+  assert disk.space(str(tmp_path / 'not' / 'yet')).endswith(f'free on the filesystem of '
+                                                            f'{tmp_path}/not/yet')
+
+  class Unknown:                      # a mount that reports no size (some FUSE filesystems)
+    f_blocks = f_bavail = f_frsize = 0
+  monkeypatch.setattr(os, 'statvfs', lambda path: Unknown())
+  assert disk.enough_for(str(tmp_path), 1 << 62) is None
+  assert disk.space(str(tmp_path)) == f'free space of {tmp_path} unknown'
