@@ -9,7 +9,8 @@ a prediction into its ``--out``) holds ``<folder>/.mstkd.lock`` while it runs::
 A second command on the same folder stops at once with ``FolderBusy``, one line naming the
 holder: what it does, its pid and host, since when, and the lock file. The lock is released
 when the block ends (also on an error or a signal that unwinds the stack). In a job of several
-processes only process 0 takes it; the others work under it.
+processes the command lets process 0 alone take it (``main.job_lock``); the others work
+under it.
 
 The lock file is JSON: ``host``, ``pid``, ``pid_start`` (the process's start time, which tells
 a reused pid apart), ``boot_id``, ``started``, ``purpose``, ``command`` and a random ``token``.
