@@ -205,3 +205,26 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
   blocker.write_text('')
   with pytest.raises(workdir_lock.FolderNotWritable, match='cannot write into .*a_file/work'):
     workdir_lock.hold(str(blocker / 'work'), 'training').acquire()
+
+
+@pytest.mark.slow
+def test_two_training_commands_started_together_one_trains(tmp_path):
+  """Both start on a workdir that does not exist yet: one trains to the end, the other stops
+  at once naming it, and removes nothing (not even the workdir it saw missing)."""
+  workdir = str(tmp_path / 'work')
+  env = helpers_scale.helper_env(1)
+  env.pop('MSTKD_TRACEBACK', None)
+  command = [sys.executable, '-m', 'mstkd_jax.main', '--config=brats:tiny',
+             f'--workdir={workdir}', '--max_steps=2', '--config.train.epochs=1']
+  logs = [str(tmp_path / f'run{i}.log') for i in range(2)]
+  procs = [subprocess.Popen(command, cwd=helpers_scale.ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, 'w')) for log in logs]
+  results = [(p.wait(timeout=900), open(log).read()) for p, log in zip(procs, logs)]
+  codes = sorted(code for code, _ in results)
+  assert codes == [0, 2], [text[-2000:] for _, text in results]
+  loser = next(text for code, text in results if code == 2)
+  assert f'{workdir} is in use by another job (training, pid ' in loser
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f if 'total' in json.loads(line)]
+  assert steps == sorted(set(steps)), steps                 # every step once
+  assert not os.path.exists(workdir_lock.lock_path(workdir))
