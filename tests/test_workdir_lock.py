@@ -216,10 +216,15 @@ def test_two_training_commands_started_together_one_trains(tmp_path):
   env.pop('MSTKD_TRACEBACK', None)
   command = [sys.executable, '-m', 'mstkd_jax.main', '--config=brats:tiny',
              f'--workdir={workdir}', '--max_steps=2', '--config.train.epochs=1']
-  logs = [str(tmp_path / f'run{i}.log') for i in range(2)]
+  logs = [open(tmp_path / f'run{i}.log', 'w+') for i in range(2)]
   procs = [subprocess.Popen(command, cwd=helpers_scale.ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, 'w')) for log in logs]
-  results = [(p.wait(timeout=900), open(log).read()) for p, log in zip(procs, logs)]
+                            stderr=log) for log in logs]
+  results = []
+  for proc, log in zip(procs, logs):
+    code = proc.wait(timeout=900)
+    log.seek(0)
+    results.append((code, log.read()))
+    log.close()
   codes = sorted(code for code, _ in results)
   assert codes == [0, 2], [text[-2000:] for _, text in results]
   loser = next(text for code, text in results if code == 2)
