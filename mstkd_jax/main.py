@@ -85,11 +85,13 @@ def main(argv):
   if folder != os.path.abspath(FLAGS.workdir):
     guards.append(cli.FolderGuard(folder, keep=('variables',)))
   started = time.time()
+  main_process = False     # known once the processes joined; only process 0 removes folders
   try:
     config = workdir_config(cli.config_flag('config'), FLAGS.workdir, FLAGS.mode)
     compile_cache.enable()
     parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
                                           FLAGS.process_id)
+    main_process = parallel.is_main_process()
     with cli.raise_on_signals(), job_lock(folder, PURPOSES[FLAGS.mode]):
       run_mode(config)
   except cli.Interrupted as e:
@@ -107,7 +109,7 @@ def main(argv):
     if not isinstance(e, (cli.InputError, FileNotFoundError, FileExistsError,
                           NotADirectoryError)):
       raise
-    if not isinstance(e, workdir_lock.FolderBusy):   # the folder is the other job's
+    if main_process and not isinstance(e, workdir_lock.FolderBusy):   # not another job's
       for guard in guards:
         guard.cleanup()
     cli.fail(cli.one_line(e))

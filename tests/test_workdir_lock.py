@@ -233,3 +233,37 @@ def test_two_training_commands_started_together_one_trains(tmp_path):
     steps = [json.loads(line)['step'] for line in f if 'total' in json.loads(line)]
   assert steps == sorted(set(steps)), steps                 # every step once
   assert not os.path.exists(workdir_lock.lock_path(workdir))
+
+
+@pytest.mark.slow
+def test_the_processes_of_one_job_share_its_lock(tmp_path):
+  """Two processes of one training job (jax.distributed on 127.0.0.1): process 0 holds the
+  workdir's lock, process 1 works under it; both finish, and the lock is gone after."""
+  import socket as sockets   # pylint: disable=import-outside-toplevel,reimported
+  with sockets.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / 'work')
+  procs, logs = [], []
+  for index in range(2):
+    logs.append(open(tmp_path / f'p{index}.log', 'w+'))
+    env = helpers_scale.helper_env(1, MSTKD_COORDINATOR=f'127.0.0.1:{port}',
+                                   MSTKD_NUM_PROCESSES=2, MSTKD_PROCESS_ID=index)
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'mstkd_jax.main', '--config=brats:tiny', f'--workdir={workdir}',
+         '--max_steps=2', '--config.train.epochs=1'], cwd=helpers_scale.ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=logs[-1]))
+  holders = set()
+  while any(p.poll() is None for p in procs):
+    holder = workdir_lock.read_holder(workdir)
+    if holder:
+      holders.add(holder['pid'])
+    time.sleep(0.5)
+  texts = []
+  for log in logs:
+    log.seek(0)
+    texts.append(log.read())
+    log.close()
+  assert [p.returncode for p in procs] == [0, 0], [t[-2000:] for t in texts]
+  assert holders == {procs[0].pid}, holders
+  assert not os.path.exists(workdir_lock.lock_path(workdir))
