@@ -239,8 +239,7 @@ def test_two_training_commands_started_together_one_trains(tmp_path):
 def test_the_processes_of_one_job_share_its_lock(tmp_path):
   """Two processes of one training job (jax.distributed on 127.0.0.1): process 0 holds the
   workdir's lock, process 1 works under it; both finish, and the lock is gone after."""
-  import socket as sockets   # pylint: disable=import-outside-toplevel,reimported
-  with sockets.socket() as s:
+  with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   workdir = str(tmp_path / 'work')
