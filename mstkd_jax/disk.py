@@ -94,44 +94,38 @@ def remove_orbax_temporaries(directory):
 # ---- the reports of failing background writers ----
 
 _NOISE = re.compile(r'Event loop is closed|sys\.meta_path is None|handle is closed')
-_quiet = {'on': False, 'dropped': 0}
+_installed = []
 
 
-def _is_noise(error, where=''):
+def _is_noise(error):
   """A background writer failing after the real error: a closed event loop, interpreter
-  shutdown, or a full disk seen by a thread or coroutine of Orbax / TensorStore /
-  tensorboardX."""
-  text = f'{type(error).__name__}: {error} {where}'
-  return bool(_NOISE.search(text)) or is_full(error)
+  shutdown, a closed file handle, or a full disk seen by a thread or coroutine of Orbax,
+  TensorStore or tensorboardX."""
+  return bool(_NOISE.search(f'{type(error).__name__}: {error}')) or is_full(error)
 
 
 def quiet_background_errors():
-  """Installs hooks (once) that drop the reports of ``_is_noise`` errors in threads, in
-  ``__del__`` and callbacks (unraisable), and printed from native threads; every other report
-  passes unchanged. ``dropped()`` counts them."""
-  if _quiet['on'] or os.environ.get('MSTKD_TRACEBACK', '') not in ('', '0'):
+  """Installs hooks (once per process) that drop the reports of ``_is_noise`` errors of
+  threads, of ``__del__`` and callbacks (unraisable), of native threads (printed through
+  ``sys.excepthook``) and of asyncio's and Orbax's error logs; every other report passes
+  unchanged. Not with ``MSTKD_TRACEBACK=1``."""
+  if _installed or os.environ.get('MSTKD_TRACEBACK', '') not in ('', '0'):
     return
-  _quiet['on'] = True
+  _installed.append(True)
   thread_hook, unraisable_hook, except_hook = (threading.excepthook, sys.unraisablehook,
                                                sys.excepthook)
 
   def on_thread(args):
-    if _is_noise(args.exc_value, getattr(args.thread, 'name', '')):
-      _quiet['dropped'] += 1
-      return
-    thread_hook(args)
+    if not _is_noise(args.exc_value):
+      thread_hook(args)
 
   def on_unraisable(args):
-    if args.exc_value is not None and _is_noise(args.exc_value, repr(args.object)):
-      _quiet['dropped'] += 1
-      return
-    unraisable_hook(args)
+    if args.exc_value is None or not _is_noise(args.exc_value):
+      unraisable_hook(args)
 
   def on_except(kind, value, traceback):
-    if threading.current_thread() is not threading.main_thread() and _is_noise(value):
-      _quiet['dropped'] += 1
-      return
-    except_hook(kind, value, traceback)
+    if threading.current_thread() is threading.main_thread() or not _is_noise(value):
+      except_hook(kind, value, traceback)
 
   threading.excepthook = on_thread
   sys.unraisablehook = on_unraisable
@@ -152,10 +146,4 @@ class _WriterNoise(logging.Filter):
     if record.name == 'absl':
       noise = (noise or bool(_FULL_TEXT.search(str(record.msg)))) and (
           f'{os.sep}orbax{os.sep}' in (record.pathname or ''))
-    if noise:
-      _quiet['dropped'] += 1
     return not noise
-
-
-def dropped():
-  return _quiet['dropped']

@@ -235,3 +235,29 @@ def test_free_space_is_checked_only_where_the_filesystem_says(tmp_path, monkeypa
   monkeypatch.setattr(os, 'statvfs', lambda path: Unknown())
   assert disk.enough_for(str(tmp_path), 1 << 62) is None
   assert disk.space(str(tmp_path)) == f'free space of {tmp_path} unknown'
+
+
+_BACKGROUND = r'''
+import errno, logging, threading
+from mstkd_jax import disk
+disk.quiet_background_errors()
+def fail(error):
+  raise error
+for error in (OSError(errno.ENOSPC, 'No space left on device'),
+              RuntimeError('Event loop is closed'), ValueError('a real bug')):
+  thread = threading.Thread(target=fail, args=(error,))
+  thread.start()
+  thread.join()
+try:
+  raise OSError(errno.ENOSPC, 'No space left on device')
+except OSError:
+  logging.getLogger('asyncio').error('Task exception was never retrieved', exc_info=True)
+'''
+
+
+def test_reports_of_failing_background_writers_are_kept_off_the_terminal():
+  proc = _command([], code=_BACKGROUND)
+  assert proc.returncode == 0, proc.stderr
+  assert 'ValueError: a real bug' in proc.stderr                  # other errors pass
+  assert 'No space left' not in proc.stderr and 'Event loop' not in proc.stderr, proc.stderr
+  assert proc.stderr.count('Traceback') == 1, proc.stderr
