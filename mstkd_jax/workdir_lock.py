@@ -132,25 +132,26 @@ class FolderLock:
     self.record = _new_record(self.purpose)
     for _ in range(_ATTEMPTS):
       if _create(self.path, self.record):
-        self._start_heartbeat()
-        atexit.register(self.release)
-        return self
+        return self._held()
       holder, readable = _read(self.path)
       if readable is None:
         continue                       # removed meanwhile: try again
       if holder is not None and holder.get('token') == self.record['token']:
-        self._start_heartbeat()        # NFS: our link was made, its reply was lost
-        atexit.register(self.release)
-        return self
-      if not _is_stale(holder, self.path):
-        raise FolderBusy(self.folder, holder, self.path)
+        return self._held()            # NFS: our link was made, its reply was lost
       reason = _stale_reason(holder, self.path)
+      if reason is None:
+        raise FolderBusy(self.folder, holder, self.path)
       if _take_over(self.path, holder):
         logging.warning('%s: took over the lock of a job that is gone (%s)', self.folder,
                         reason)
       time.sleep(0.05)
     holder, _ = _read(self.path)
     raise FolderBusy(self.folder, holder, self.path)
+
+  def _held(self):
+    self._start_heartbeat()
+    atexit.register(self.release)
+    return self
 
   def release(self):
     """Stops the heartbeat and removes the lock file if it is still this process's."""
@@ -281,10 +282,6 @@ def _stale_reason(holder, path):
     where = f'host {holder.get("host")}' if holder else 'an unreadable lock'
     return f'no heartbeat from {where} for {age:.0f} s'
   return None
-
-
-def _is_stale(holder, path):
-  return _stale_reason(holder, path) is not None
 
 
 # ---- the file operations ----
