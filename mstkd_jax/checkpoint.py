@@ -25,11 +25,12 @@ from typing import Any, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import serialization
 from ml_collections import config_dict
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from mstkd_jax.cli import InputError
-from mstkd_jax.fileio import write_json_atomic, write_text_atomic
+from mstkd_jax.fileio import BadJsonFile, read_json, write_json_atomic, write_text_atomic
 from mstkd_jax.models import build
 
 VAL_METRIC = 'val_dice'
@@ -267,8 +268,10 @@ def load_config(directory):
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {directory} a workdir or an exported '
                             'network?')
-  with open(path) as f:
-    return config_dict.ConfigDict(_lists_to_tuples(json.load(f)))
+  saved = read_json(path)
+  if not isinstance(saved, dict):
+    raise BadJsonFile(f'{path} holds a JSON {type(saved).__name__}, not a config (an object)')
+  return config_dict.ConfigDict(_lists_to_tuples(saved))
 
 
 def _lists_to_tuples(d):
@@ -359,27 +362,59 @@ def _flat_shapes(tree, prefix=()):
   return out
 
 
-def _check_stored(directory, target):
-  """Every leaf of ``target`` is stored in the export with the same shape, nothing else is."""
-  ckptr = ocp.StandardCheckpointer()
+def _stored_tree(directory, handler=None):
+  """The tree metadata (nested dicts of leaves with a ``shape``) of the Orbax checkpoint in
+  ``directory``: a whole checkpoint, or with ``handler`` one item of a managed step."""
+  reader = handler or ocp.StandardCheckpointer()
   try:
-    stored = ckptr.metadata(directory)
+    stored = reader.metadata(epath.Path(directory) if handler else directory)
   finally:
-    ckptr.close()
+    reader.close()
   stored = getattr(stored, 'item_metadata', stored)
-  stored = getattr(stored, 'tree', stored)
+  return getattr(stored, 'tree', stored)
+
+
+def _differences(stored, target):
+  """(missing, unexpected, misshaped) entries of ``target`` against ``stored``, or None when
+  the metadata is in an unknown format (the checks are then left to Orbax)."""
   try:
     have = _flat_shapes(dict(stored))
   except (AttributeError, TypeError):
-    return  # unknown metadata format: leave the checks to Orbax
+    return None
   want = _flat_shapes(dict(target))
   missing = sorted('/'.join(k) for k in want if k not in have)
   unexpected = sorted('/'.join(k) for k in have if k not in want)
   misshaped = sorted(('/'.join(k), have[k], want[k]) for k in want
                      if k in have and have[k] != want[k])
-  if missing or unexpected or misshaped:
-    raise NetworkMismatchError(missing, unexpected, misshaped,
-                               'the export was written for another network configuration')
+  return missing, unexpected, misshaped
+
+
+def _check_stored(directory, target):
+  """Every leaf of ``target`` is stored in the export with the same shape, nothing else is."""
+  found = _differences(_stored_tree(directory), target)
+  if found and any(found):
+    raise NetworkMismatchError(*found, hint='the export was written for another network '
+                               'configuration')
+
+
+def _check_stored_state(directory, abstract_state):
+  """The networks of a training checkpoint's state (``<step>/state``) have the shapes of
+  ``abstract_state``'s: else one line naming the first differences. Checked before Orbax
+  starts reading, so that a restore never fails half-way."""
+  tree = _stored_tree(directory, ocp.StandardCheckpointHandler())
+  want = serialization.to_state_dict(abstract_state)
+  found = _differences({k: tree.get(k, {}) for k in ('params', 'batch_stats')},
+                       {k: want[k] for k in ('params', 'batch_stats')})
+  if not found or not any(found):
+    return
+  missing, unexpected, misshaped = found
+  examples = [f'{n} stored {tuple(got)}, expected {tuple(exp)}' for n, got, exp in misshaped]
+  examples += [f'{n} missing' for n in missing] + [f'{n} not expected' for n in unexpected]
+  raise CheckpointError(
+      f'checkpoint {os.path.dirname(directory)} holds networks of another config: '
+      f'{len(misshaped)} entries of another shape, {len(missing)} missing, {len(unexpected)} '
+      f'unexpected (e.g. {"; ".join(examples[:2])}). Use the config it was trained with (its '
+      'config.json), or no --config at all where the command allows it.')
 
 
 @dataclasses.dataclass
@@ -450,12 +485,15 @@ def load_networks(config, location, which=None, names=('student',)) -> LoadedNet
     raise FileNotFoundError(f'{location} is neither an exported network (no {EXPORT_MANIFEST})'
                             ' nor a training workdir (no checkpoints/ folder)')
   manager = make_manager(directory, read_only=True)
-  step = resolve_step(manager, which)
   try:
-    state, _, _ = restore(manager, step, build.abstract_state(config), with_data=False)
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f'checkpoint {directory}/{step} does not match this config '
-                     f'(model {dict(config.model)}): {e}') from e
+    step = resolve_step(manager, which)
+    abstract = build.abstract_state(config)
+    _check_stored_state(os.path.join(directory, str(step), 'state'), abstract)
+    try:
+      state, _, _ = restore(manager, step, abstract, with_data=False)
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f'checkpoint {directory}/{step} does not match this config '
+                            f'(model {dict(config.model)}): {e}') from e
   finally:
     manager.close()
   label = f'step {step}' + (' (best validation Dice)' if which == 'best' else '')

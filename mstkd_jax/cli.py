@@ -1,13 +1,18 @@
 """What every command line of the project shares: flag spelling, one-line errors, exit codes.
 
-Exit status: 0 done; 2 a usage or input error (a bad flag, config field, file, data folder),
-reported as one line ``error: ...`` on stderr with no traceback (``MSTKD_TRACEBACK=1`` shows
-it); other statuses are the command's own (main.py: 3 non-finite loss, 128 + signal).
+Exit status: 0 done; 2 a usage or input error (a bad flag, config field, file, data folder,
+a folder in use by another job), reported as one line ``error: ...`` on stderr with no
+traceback (``MSTKD_TRACEBACK=1`` shows it); 4 an output could not be written (a full disk or
+quota, a failed checkpoint save; the line says how much space is free); 128 + signal when
+SIGTERM or SIGINT stopped the command (the line says what was interrupted and what is
+complete); other statuses are the command's own (main.py: 3 non-finite loss).
 """
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 
 from absl import app, flags
@@ -17,10 +22,45 @@ from ml_collections.config_flags import config_path
 from mstkd_jax import configs
 
 USAGE_ERROR = 2
+WRITE_ERROR = 4
 
 
 class InputError(Exception):
   """A problem with what the user gave (a file, a folder, a value): one line, exit 2."""
+
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT arrived (``raise_on_signals``); exit status 128 + ``signum``. A
+  BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+  def __init__(self, signum):
+    super().__init__(signum)
+    self.signum = signum
+    self.name = signal.Signals(signum).name
+    self.status = 128 + signum
+
+
+@contextlib.contextmanager
+def raise_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+  """Inside the block SIGTERM and SIGINT raise ``Interrupted`` in the main thread, so that
+  the command unwinds (locks released, temporary files removed) and can say what was
+  interrupted, instead of dying without a word. Handlers installed inside the block (the
+  training loop's) take precedence while they are installed."""
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(signum)
+
+  previous = {}
+  for signum in signums:
+    try:
+      previous[signum] = signal.signal(signum, handle)
+    except ValueError:   # not the main thread
+      pass
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def underscore_flags(argv):

@@ -21,7 +21,8 @@ config or library simply compiles anew; old entries stay until the folder is del
 Several processes and hosts may share the folder (a cluster's shared filesystem): in a
 multi-process job only process 0 writes (JAX's rule), and entries are written to a temporary
 file and renamed into place, so a reader never sees half an entry and a process killed while
-writing leaves none behind (JAX itself writes in place).
+writing leaves none behind (JAX itself writes in place). An entry that cannot be read (a damaged
+file) is compiled again and replaced, so only one start pays for it.
 
 ``timed(what)`` reports how a program was obtained, one log line each:
 ``the training step: compiled in 41.2 s`` or ``... loaded from the compilation cache in 0.8 s``
@@ -152,10 +153,13 @@ def _atomic_cache_class():
 
 
 def write_atomic(path, value):
-  """Writes ``value`` to ``path`` through a temporary file in the same folder and a rename;
-  an existing ``path`` is left alone (JAX's rule: the first writer of a key wins)."""
-  if not os.path.exists(path):
-    fileio.write_bytes_atomic(path, value)
+  """Writes ``value`` to ``path`` through a temporary file in the same folder and a rename.
+
+  An existing ``path`` is replaced: JAX writes a key only after it found no usable entry for
+  it, so an existing one could not be read (damaged, or written by an incompatible version)
+  and would otherwise make every later start recompile. Readers see the old entry or the new
+  one, never a mix; two processes that compiled the same program write equal entries."""
+  fileio.write_bytes_atomic(path, value)
 
 
 def _use_atomic_writes():

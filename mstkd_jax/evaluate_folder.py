@@ -28,9 +28,9 @@ Lesion-wise metrics of the BraTS challenges (--challenge picks the challenge's p
 --lesion_wise=brats2023 (or --lesion_wise alone): the official BraTS 2023 script's lesion-wise
 Dice and HD95 (surface-distance's HD95) and lesion counts, in lesion_wise.csv
 (mstkd_jax/lesionwise.py). --lesion_wise=brats2025: the official brats-evaluation package
-(panoptica; pip install "mstkd-jax[brats]"): lesion-wise Dice, NSD, HD95, PQ and counts of
-matched instances in lesion_wise_brats2025.csv, with the package's own JSON and CSV
-(mstkd_jax/lesionwise_brats2025.py).
+(panoptica; pip install brats-evaluation panoptica, or ".[brats]" in a checkout): lesion-wise
+Dice, NSD, HD95, PQ and counts of matched instances in lesion_wise_brats2025.csv, with the
+package's own JSON and CSV (mstkd_jax/lesionwise_brats2025.py).
 """
 
 import csv
@@ -463,7 +463,7 @@ flags.DEFINE_enum('convention', 'brats', metrics.CONVENTIONS,
 flags.DEFINE_enum('lesion_wise', 'none', LESION_WISE_CHOICES, 'Also the lesion-wise metrics of '
                   'the BraTS challenges: brats2023 (the official 2023 script; --lesion_wise '
                   'alone), brats2025 (the official brats-evaluation package on panoptica: pip '
-                  'install "mstkd-jax[brats]"), or none.', flag_values=_FV)
+                  'install brats-evaluation panoptica), or none.', flag_values=_FV)
 flags.DEFINE_enum('challenge', 'BraTS-GLI', sorted(lesionwise.CHALLENGES),
                   'Lesion-wise parameters of this challenge (brats2023: dilation and minimum '
                   'lesion volume; brats2025: the official config, not for BraTS-PED).',

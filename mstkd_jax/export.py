@@ -28,6 +28,7 @@ writes (default ``<workdir>/export``):
 
 import json
 import os
+import shutil
 
 from absl import logging
 import jax
@@ -36,6 +37,7 @@ from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import model_facts
 from mstkd_jax import prediction_policy
 from mstkd_jax.data import layouts, pipeline
+from mstkd_jax.disk import folder_bytes
 from mstkd_jax.fileio import write_json_atomic
 from mstkd_jax.modalities import MODALITIES, MODALITY_KEYS
 
@@ -47,27 +49,49 @@ def preprocessing_settings(config):
   return settings
 
 
+def output_folder(workdir, out=None):
+  """Where an export of ``workdir`` goes: ``out``, default ``<workdir>/export``."""
+  return os.path.abspath(out or os.path.join(workdir, 'export'))
+
+
+def is_complete(out):
+  """True when ``out`` holds a complete export: its manifest, written last, names the step."""
+  try:
+    with open(os.path.join(out, ckpt.EXPORT_MANIFEST)) as f:
+      return 'step' in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
+
+
 def export_student(config, workdir, checkpoint=None, out=None, overwrite=False, teacher=True):
   """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
   ``out`` (default ``<workdir>/export``), with the teacher unless ``teacher`` is False, and
-  the prediction policy decided from the run's test evaluation; an existing export there is
-  replaced only with ``overwrite``. Returns the folder."""
-  out = os.path.abspath(out or os.path.join(workdir, 'export'))
-  if os.path.exists(os.path.join(out, 'variables')) and not overwrite:
+  the prediction policy decided from the run's test evaluation; a complete export there is
+  replaced only with ``overwrite``, an incomplete one (an interrupted export) always. The
+  manifest is written last: an export without it is incomplete (``is_complete``). Returns the
+  folder."""
+  out = output_folder(workdir, out)
+  if is_complete(out) and not overwrite:
     raise FileExistsError(f'{out} already holds an export; pass --overwrite to replace it')
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: nothing to export')
   manager = ckpt.make_manager(directory, read_only=True)
-  step = ckpt.resolve_step(manager, checkpoint)
-  manager.close()
+  try:
+    step = ckpt.resolve_step(manager, checkpoint)
+  finally:
+    manager.close()
   networks = ckpt.load_networks(config, workdir, str(step),
                                  ('student', 'teacher') if teacher else ('student',)).networks
   source = f'{os.path.abspath(workdir)} step {step}'
+  if jax.process_index() == 0 and os.path.exists(os.path.join(out, ckpt.EXPORT_MANIFEST)):
+    os.remove(os.path.join(out, ckpt.EXPORT_MANIFEST))   # incomplete until written again
   ckpt.save_network(out, networks['student'], config, network='student', source=source,
                     overwrite=True)
   if teacher:
     ckpt.add_network(out, 'teacher', networks['teacher'])
+  elif jax.process_index() == 0:     # a teacher of an export this one replaces
+    shutil.rmtree(os.path.join(out, 'teacher_variables'), ignore_errors=True)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(out, 'preprocessing.json'), preprocessing_settings(config),
                       indent=2)
@@ -149,14 +173,3 @@ def metadata(config, workdir, step, evaluation=None, policy=None, teacher=False)
       'intended_use': 'research only; not a medical device, not for clinical decisions',
       'license': 'set by the owner of the training data and weights (fill in before sharing)',
   }
-
-
-def folder_bytes(path):
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        total += os.path.getsize(os.path.join(root, name))
-      except OSError:
-        pass
-  return total

@@ -22,7 +22,8 @@ This module only builds the inputs, calls ``brats_evaluation.evaluate_single_exa
 evaluator of the bundled config, and writes the JSON that ``brats-evaluate`` writes; the
 numbers are then read from the CSV written by the official parser (``parse_seg_results``,
 ``parse_mets_results`` for BraTS-MET), as ``brats-parse-metrics`` writes it. The package is the
-optional extra ``brats`` (``pip install "mstkd-jax[brats]"``).
+optional extra ``brats`` (``pip install ".[brats]"`` in a checkout, or
+``pip install brats-evaluation panoptica``).
 
 What differs from running ``brats-evaluate`` on the files: the label files are read by this
 project (``--labels``: BraTS 2024 or 2021 codes), and the WT / TC / ET regions are handed to
@@ -45,7 +46,19 @@ import numpy as np
 
 from mstkd_jax import cli
 
-EXTRA_HINT = 'pip install "mstkd-jax[brats]" (or: pip install brats-evaluation)'
+# The ``brats`` extra of pyproject.toml (tests/test_evaluate_folder.py keeps them equal).
+EXTRA_REQUIREMENTS = ('brats-evaluation>=0.0.10', 'panoptica>=2.1.7')
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def install_hint():
+  """The command that installs the extra for how mstkd_jax was installed: the packages
+  themselves (mstkd-jax is on no package index), or ``pip install ".[brats]"`` from a
+  checkout (a folder with pyproject.toml above the package)."""
+  direct = 'pip install ' + ' '.join(f'"{r}"' for r in EXTRA_REQUIREMENTS)
+  if os.path.exists(os.path.join(CHECKOUT, 'pyproject.toml')):
+    return f'{direct} (or, in the checkout {CHECKOUT}: pip install ".[brats]")'
+  return direct
 # --challenge -> the package's bundled config. SSA uses the glioma labels; BraTS-PED is left
 # out: its config reads the paediatric codes (1 ET, 2 NETC, 3 CC, 4 ED), which --labels does
 # not.
@@ -86,7 +99,7 @@ def _modules():
   except ImportError as e:
     raise MissingExtraError('--lesion_wise=brats2025 needs the official BraTS evaluation '
                             f'package, which is not installed ({cli.one_line(e)}): '
-                            f'{EXTRA_HINT}') from e
+                            f'{install_hint()}') from e
   return brats_evaluation, panoptica
 
 

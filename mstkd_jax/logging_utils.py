@@ -214,8 +214,15 @@ class MetricWriter:
     return Progress(total, 'train', unit='step', initial=initial, enabled=self.enabled,
                     log_lines=False)
 
-  def close(self):
-    if self._file is not None:
-      self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+  def close(self, quiet=False):
+    """Closes both logs; ``quiet``: an error while closing (a full disk) is dropped, as when
+    another error is already on its way to the user."""
+    for log in (self._file, self._tb):
+      if log is None:
+        continue
+      try:
+        log.close()
+      except (OSError, ValueError):
+        if not quiet:
+          raise
+    self._file = self._tb = None

@@ -13,21 +13,37 @@ student and the teacher with the prediction policy, for evaluation and predictio
 
 Every local device is used (data parallelism). Several processes (hosts) join through
 ``--coordinator/--num_processes/--process_id``, the ``MSTKD_*`` or ``JAX_*`` variables, or a
-SLURM job step (docs/scaling.md). Exit status: 0 done; 2 a usage or input error (one line
-``error: ...``; ``MSTKD_TRACEBACK=1`` shows the traceback; a workdir this command created is
-removed again); 128 + signal after SIGTERM / SIGINT (a checkpoint was saved: re-run the same
-command to resume); 3 after a non-finite loss; 4 when a checkpoint could not be written (the
-message names the last good one).
+SLURM job step (docs/scaling.md).
+
+One job per folder: training and ``--mode=eval`` hold the workdir's lock, ``--mode=export``
+the lock of its ``--out`` (``mstkd_jax/workdir_lock.py``); a second command on the same folder
+stops at once naming the job that holds it. In a job of several processes process 0 holds it.
+
+Exit status (each failure is one line ``error: ...``; ``MSTKD_TRACEBACK=1`` shows the
+traceback):
+  0    done
+  2    a usage or input error: a bad flag, config field, file (a config.json that is not
+       JSON), data folder or checkpoint, or the folder is in use by another job; a workdir
+       this command created is removed again
+  3    a non-finite loss stopped training (the line names the step and the last good
+       checkpoint)
+  4    an output could not be written: a full disk or quota, or a failed checkpoint save (the
+       line says what, how much space is free and the last good checkpoint; temporary files
+       are removed; re-run the same command once there is space)
+  128 + signal  SIGTERM (143) or SIGINT (130): training saved a checkpoint (re-run the same
+       command to resume); evaluation and export say what was interrupted and whether their
+       output is complete (re-running the same command completes an interrupted export)
 """
 
 import os
 import sys
+import time
 
 from absl import flags, logging
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax import (cli, compile_cache, configs, evaluate, export, logging_utils, parallel,
-                       run, train)
+from mstkd_jax import (cli, compile_cache, configs, disk, evaluate, export, logging_utils,
+                       parallel, run, train, workdir_lock)
 
 FLAGS = flags.FLAGS
 
@@ -66,16 +82,114 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.verbose_libraries:
     logging_utils.quiet_libraries()
-  config = workdir_config(cli.config_flag('config'), FLAGS.workdir, FLAGS.mode)
-  compile_cache.enable()
-  guard = cli.FolderGuard(FLAGS.workdir)
+  disk.quiet_background_errors()
+  folder = locked_folder(FLAGS.mode, FLAGS.workdir, FLAGS.out)
+  guards = [cli.FolderGuard(FLAGS.workdir)]
+  if folder != os.path.abspath(FLAGS.workdir):
+    guards.append(cli.FolderGuard(folder, keep=('variables',)))
+  started = time.time()
+  main_process = False     # known once the processes joined; only process 0 removes folders
   try:
-    run_mode(config)
-  except (cli.InputError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    config = workdir_config(cli.config_flag('config'), FLAGS.workdir, FLAGS.mode)
+    compile_cache.enable()
+    parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
+                                          FLAGS.process_id)
+    main_process = parallel.is_main_process()
+    with cli.raise_on_signals(), job_lock(folder, PURPOSES[FLAGS.mode]):
+      run_mode(config)
+  except cli.Interrupted as e:
+    cli.fail(interrupted_message(e, FLAGS.mode, folder, started), status=e.status)
+  except train.TrainingStopped as e:
+    logging.error('%s', e)
+    sys.exit(3)
+  except Exception as e:  # pylint: disable=broad-except
     if cli.show_tracebacks():
       raise
-    guard.cleanup()
+    if isinstance(e, train.CheckpointSaveError):
+      cli.fail(str(e), status=cli.WRITE_ERROR)
+    if disk.is_full(e):
+      cli.fail(full_disk_message(e, FLAGS.mode, folder), status=cli.WRITE_ERROR)
+    if not isinstance(e, (cli.InputError, FileNotFoundError, FileExistsError,
+                          NotADirectoryError)):
+      raise
+    if main_process and not isinstance(e, workdir_lock.FolderBusy):   # not another job's
+      for guard in guards:
+        guard.cleanup()
     cli.fail(cli.one_line(e))
+
+
+PURPOSES = {'train': 'training', 'eval': 'evaluation', 'export': 'export'}
+
+
+def locked_folder(mode, workdir, out):
+  """The folder a mode writes into and locks: the workdir, or an export's ``--out``."""
+  return export.output_folder(workdir, out) if mode == 'export' else os.path.abspath(workdir)
+
+
+class _JobLock:
+  """``folder``'s lock for the whole job: process 0 takes it, every process learns whether it
+  did (a collective), so that all stop together when another job holds it."""
+
+  def __init__(self, folder, purpose):
+    self.lock = workdir_lock.hold(folder, purpose)
+    self.folder = folder
+
+  def __enter__(self):
+    failure = None
+    if parallel.is_main_process():
+      try:
+        self.lock.acquire()
+      except Exception as e:  # pylint: disable=broad-except
+        failure = e
+    if parallel.any_process(failure is not None):
+      if failure is not None:
+        raise failure
+      raise workdir_lock.FolderBusy(self.folder, workdir_lock.read_holder(self.folder),
+                                    workdir_lock.lock_path(self.folder))
+    return self
+
+  def __exit__(self, *exc):
+    self.lock.release()
+    return False
+
+
+def job_lock(folder, purpose):
+  return _JobLock(folder, purpose)
+
+
+def interrupted_message(error, mode, folder, started):
+  """What a signal interrupted and whether the output is complete."""
+  what = f'stopped by {error.name}'
+  if mode == 'export':
+    if export.is_complete(folder):
+      return f'{what} after the export completed: {folder} is complete'
+    return (f'{what} during the export: {folder} holds no complete export; re-run the same '
+            'command to complete it')
+  if mode == 'eval':
+    summary = os.path.join(evaluate.output_dir(FLAGS.workdir, FLAGS.split), 'summary.json')
+    if os.path.exists(summary) and os.path.getmtime(summary) >= started:
+      return f'{what} after the evaluation was written: {os.path.dirname(summary)} is complete'
+    return (f'{what} during the evaluation: {os.path.dirname(summary)} holds no results of this '
+            'run; re-run the same command to evaluate')
+  steps = ckpt.saved_steps(os.path.join(folder, 'checkpoints'))
+  last = f'the last checkpoint is step {steps[-1]}' if steps else 'no checkpoint was saved yet'
+  return (f'{what} outside the training steps (preparing the data or evaluating): {last}; '
+          're-run the same command to continue')
+
+
+def full_disk_message(error, mode, folder):
+  """One line for a write that failed on a full disk: what, the free space, the last good
+  checkpoint of a training run. Removes the temporary folders of interrupted Orbax writes."""
+  target = getattr(error, 'filename', None) or folder
+  where = os.path.dirname(target) if os.path.isfile(target) else target
+  if mode == 'export':
+    disk.remove_orbax_temporaries(folder)
+  message = f'could not write {target}: No space left on device ({disk.space(where)})'
+  if mode == 'train':
+    steps = ckpt.saved_steps(os.path.join(folder, 'checkpoints'))
+    message += (f'; the last good checkpoint is step {steps[-1]} in {folder}/checkpoints'
+                if steps else '; no checkpoint was saved yet')
+  return message + '. Free space, then re-run the same command.'
 
 
 def workdir_config(config, workdir, mode):
@@ -93,20 +207,9 @@ def workdir_config(config, workdir, mode):
 
 
 def run_mode(config):
-  parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
-                                        FLAGS.process_id)
   if FLAGS.mode == 'train':
-    try:
-      run.train_and_evaluate(config, FLAGS.workdir,
-                               allow_config_change=FLAGS.allow_config_change,
-                               max_steps=FLAGS.max_steps)
-    except train.TrainingStopped as e:
-      logging.error('%s', e)
-      sys.exit(3)
-    except train.CheckpointSaveError as e:
-      if cli.show_tracebacks():
-        raise
-      cli.fail(str(e), status=4)
+    run.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change,
+                           max_steps=FLAGS.max_steps)
   elif FLAGS.mode == 'eval':
     evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, split=FLAGS.split)
   elif FLAGS.mode == 'export':

@@ -28,13 +28,14 @@ from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import compile_cache
+from mstkd_jax import disk
 from mstkd_jax import host_memory
 from mstkd_jax import optim
 from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
 from mstkd_jax.data import layouts
 from mstkd_jax.models import build
-from mstkd_jax.fileio import write_text_atomic
+from mstkd_jax.fileio import read_json, write_text_atomic
 from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
 
 
@@ -43,19 +44,45 @@ class TrainingStopped(RuntimeError):
 
 
 class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written (disk full, permissions): names the last good one."""
+  """A checkpoint could not be written (disk full, permissions): one line saying why, the free
+  space and the last good checkpoint. The failed save's temporary folder is removed."""
 
-  def __init__(self, step, manager, error):
+  def __init__(self, step, manager, error=None, needed=None):
     try:
       manager.wait_until_finished()      # the earlier saves still in flight count as good
     except Exception:  # pylint: disable=broad-except
       pass
+    if parallel.is_main_process():
+      disk.remove_orbax_temporaries(manager.directory)
     done = [s for s in ckpt.saved_steps(manager.directory) if s != step]
     last = (f'the last good checkpoint is step {done[-1]} in {manager.directory}' if done
             else 'no earlier checkpoint exists')
+    if needed is not None:
+      reason = f'not enough space: it needs about {disk.megabytes(needed)}'
+    elif error is None:
+      reason = 'not enough space, as process 0 found'
+    elif disk.is_full(error):
+      reason = 'No space left on device'
+    else:
+      reason = f'{type(error).__name__}: {error}'
     super().__init__(f'saving the checkpoint of step {step} into {manager.directory} failed '
-                     f'({type(error).__name__}: {error}); {last}. Free space or fix the '
-                     'permissions, then re-run the same command to resume from it.')
+                     f'({reason}; {disk.space(manager.directory)}); {last}. Free space or fix '
+                     'the permissions, then re-run the same command to resume from it.')
+
+
+def check_checkpoint_space(manager, step, state):
+  """Raises CheckpointSaveError before a save when the filesystem has less free space than
+  a checkpoint takes (the last complete one, or 90 % of the state's bytes while none is: the
+  weights barely compress): a full disk stops training with one line, not in the middle of
+  Orbax's writes. The new checkpoint is written before an old one is deleted."""
+  needed = 0
+  if parallel.is_main_process():
+    done = ckpt.saved_steps(manager.directory)
+    size = (disk.folder_bytes(os.path.join(manager.directory, str(done[-1]))) if done else
+            int(0.9 * sum(x.nbytes for x in jax.tree.leaves(state))))
+    needed = size if disk.enough_for(manager.directory, size) is not None else 0
+  if parallel.any_process(needed > 0):
+    raise CheckpointSaveError(step, manager, needed=needed or None)
 
 
 class Preempted(SystemExit):
@@ -221,8 +248,7 @@ def check_workdir_config(config, workdir, allow_change=False):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    old = json.load(f)
+  old = read_json(path)
   new = json.loads(config.to_json_best_effort())
   old = _with_added_defaults(old)
   diffs = sorted(_diff_keys(_config_for_comparison(old), _config_for_comparison(new)))
@@ -422,17 +448,19 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
 
   def save(data_state, val_dice=None, force=False):
     nonlocal last_saved
+    finish_saves()        # Orbax waits for the previous save anyway; its failure is its own
+    check_checkpoint_space(manager, step, state)
     try:
       ckpt.save(manager, step, state, data_state, meta(step // steps_per_epoch),
                 val_dice=val_dice, force=force)
-    except OSError as e:
+    except (OSError, ValueError) as e:   # Orbax raises TensorStore's I/O errors as ValueError
       raise CheckpointSaveError(step, manager, e) from e
     last_saved = step
 
   def finish_saves():
     try:
       manager.wait_until_finished()
-    except OSError as e:
+    except (OSError, ValueError) as e:
       raise CheckpointSaveError(last_saved, manager, e) from e
 
   def fetch():
@@ -496,9 +524,12 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
         save(data_state, force=True)
       finish_saves()
       manager.close()
-  finally:
+  except BaseException:
     progress.close()
-    writer.close()
+    writer.close(quiet=True)     # the error in flight is the one to report
+    raise
+  progress.close()
+  writer.close()
   return state
 
 

@@ -92,9 +92,25 @@ def test_an_entry_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
   monkeypatch.setattr(os, 'replace', real_replace)
   compile_cache.write_atomic(path, b'first')
-  compile_cache.write_atomic(path, b'second')            # the first writer of a key wins
-  assert open(path, 'rb').read() == b'first'
+  compile_cache.write_atomic(path, b'second')            # JAX writes only what it could not read
+  assert open(path, 'rb').read() == b'second'
   assert os.listdir(str(tmp_path)) == ['key-cache']
+
+
+def test_an_entry_that_cannot_be_read_is_compiled_again_and_replaced(tmp_path):
+  first, _ = _probe(MSTKD_CACHE_DIR=str(tmp_path))
+  folder = first['folder']
+  probe = [n for n in _entries(folder) if n.startswith('jit__lambda')]
+  assert len(probe) == 1, _entries(folder)
+  path = os.path.join(folder, probe[0])
+  with open(path, 'wb') as f:
+    f.write(b'not an executable')                        # a damaged entry
+  second, _ = _probe(MSTKD_CACHE_DIR=str(tmp_path))
+  assert second['compiled'] >= 1
+  with open(path, 'rb') as f:
+    assert f.read() != b'not an executable'               # rewritten
+  third, log = _probe(MSTKD_CACHE_DIR=str(tmp_path))
+  assert third['loaded'] >= 1 and third['compiled'] == 0, log[-2000:]
 
 
 def test_jax_file_cache_writes_through_the_atomic_put(tmp_path, monkeypatch):

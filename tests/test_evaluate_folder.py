@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mstkd_jax import evaluate_folder, lesionwise, metrics
+from mstkd_jax import evaluate_folder, lesionwise, lesionwise_brats2025, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,13 +145,12 @@ def test_lesion_wise_values_and_the_bare_flag():
 def test_brats2025_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
   """Without brats-evaluation (an import that fails), one line naming the extra; BraTS-PED has
   no config of the glioma labels, whether or not the package is installed."""
-  from mstkd_jax import lesionwise_brats2025
   seg = _reference_case()
   _write(str(tmp_path / 'ref' / 'A.nii.gz'), seg)
   _write(str(tmp_path / 'pred' / 'A.nii.gz'), seg)
   monkeypatch.setitem(sys.modules, 'brats_evaluation', None)
   with pytest.raises(lesionwise_brats2025.MissingExtraError,
-                     match=r'pip install "mstkd-jax\[brats\]"'):
+                     match=r'pip install "brats-evaluation>=0.0.10" "panoptica>=2.1.7"'):
     evaluate_folder.evaluate_folder(str(tmp_path / 'pred'), str(tmp_path / 'ref'),
                                     str(tmp_path / 'out'), lesion_wise='brats2025',
                                     log=lambda *_: None)
@@ -288,7 +287,19 @@ def test_evaluate_folder_command_brats2025_without_the_package(tmp_path):
                '--lesion_wise', 'brats2025'])
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: --lesion_wise=brats2025 needs') and '"mstkd-jax[brats]"' in last
+  assert last.startswith('error: --lesion_wise=brats2025 needs')
+  # mstkd-jax is on no package index: the hint installs the packages themselves (or the
+  # extra from this checkout).
+  assert '"mstkd-jax[brats]"' not in last
+  assert 'pip install "brats-evaluation>=0.0.10" "panoptica>=2.1.7"' in last
+  assert f'in the checkout {ROOT}: pip install ".[brats]"' in last
+
+
+def test_the_install_hint_names_the_brats_extra_of_pyproject():
+  import tomllib  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    extra = tomllib.load(f)['project']['optional-dependencies']['brats']
+  assert tuple(extra) == lesionwise_brats2025.EXTRA_REQUIREMENTS
 
 
 def test_labels_auto_reports_a_folder_that_mixes_conventions(tmp_path):

@@ -8,7 +8,8 @@
   ``pip install -r requirements.txt``): it does not run under pandas 2. Skipped without them.
 * --lesion_wise=brats2025 against the official package's own pipeline on the same files
   (``brats-evaluate`` then ``brats-parse-metrics seg``, called as functions); needs
-  ``pip install "mstkd-jax[brats]"``, skipped without it.
+  ``pip install ".[brats]"`` in a checkout (or ``pip install brats-evaluation panoptica``),
+  skipped without it.
 
 Each also has one case small enough to state its answer by hand. The cases are 16^3 to 32^3.
 """
@@ -228,7 +229,8 @@ def test_brats2023_equals_the_official_script_on_real_labels(tmp_path, official_
 def official_2025():
   """The brats_evaluation module."""
   return pytest.importorskip('brats_evaluation',
-                             reason='pip install "mstkd-jax[brats]" for the BraTS 2025 metrics')
+                             reason='pip install brats-evaluation panoptica for the BraTS '
+                             '2025 metrics')
 
 
 @pytest.mark.usefixtures('official_2025')

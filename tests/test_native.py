@@ -158,3 +158,25 @@ def test_deconv2_equals_flax_conv_transpose():
   g2 = jax.grad(lambda v: jnp.sum(jnp.sin(flax_ref.apply(v, x))))(v)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unwritable_cache_folder_builds_in_a_private_temporary_folder(tmp_path):
+  """MSTKD_CACHE_DIR that cannot be written (here below a file, which stops root too): the
+  library is built in $TMPDIR/mstkd_jax-<uid>/native and the convolutions still run through
+  oneDNN, not XLA's."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  temporary = tmp_path / 'tmp'
+  temporary.mkdir()
+  code = ('from mstkd_jax.native import onednn\n'
+          'print("dtypes", len(onednn.load()), "reason", onednn.reason())\n')
+  env = dict(os.environ, MSTKD_CACHE_DIR=str(blocker / 'cache'), TMPDIR=str(temporary),
+             MSTKD_CONV='onednn', PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env.pop('MSTKD_NATIVE_CACHE', None)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'reason None' in proc.stdout and 'dtypes 0' not in proc.stdout, proc.stdout
+  folder = temporary / f'mstkd_jax-{os.getuid()}' / 'native'
+  assert [n for n in os.listdir(folder) if n.endswith('.so')], os.listdir(folder)
+  assert oct(os.stat(folder.parent).st_mode & 0o777) == '0o700'

@@ -351,6 +351,7 @@ class AssembleBatch:
     for b, rec in enumerate(records):
       img, codes = _open_entry(rec['entry'])
       augment.assemble(img, codes, rec['params'], self.opts, image[b], label[b])
+      cache.check_finite(image[b], rec['entry'], 'its training sample')
     return {'image': image, 'label': label}
 
 
@@ -530,6 +531,7 @@ class EvalCases(Sequence):
       image, new_meta = centre_crop(image, meta, self._input_shape)
       codes, _ = centre_crop(codes, meta, self._input_shape)
       meta = new_meta
+    cache.check_finite(image, folder, 'its evaluation input')
     return EvalCase(case_id=cid, image=image, label=layouts.codes_to_onehot(codes), codes=codes,
                     meta=meta, spacing=tuple(float(s) for s in meta['spacing']))
 

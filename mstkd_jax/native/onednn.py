@@ -11,7 +11,9 @@ The C++ handlers (``onednn_conv3d.cc`` beside this file) are compiled with the s
 compiler against oneDNN from the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels
 (requirements.txt) and jaxlib's XLA FFI headers, on first use, into a cache folder
 (``$MSTKD_NATIVE_CACHE``, else ``native/`` under ``$MSTKD_CACHE_DIR`` or
-``~/.cache/mstkd_jax``); later processes load the built library. Before first use each data
+``~/.cache/mstkd_jax``; when that folder cannot be written and holds no built library, a
+folder of this user's own in the temporary directory, ``$TMPDIR/mstkd_jax-<uid>/native``);
+later processes load the built library. Before first use each data
 type is checked once against ``lax.conv_general_dilated`` on a small case.
 
 ``$MSTKD_CONV`` chooses: ``auto`` (default: oneDNN on the CPU backend when it builds and passes
@@ -26,6 +28,7 @@ import functools
 import hashlib
 import os
 import site
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -76,23 +79,55 @@ def _cache_dir():
                                                               'native')
 
 
+def _private_temporary_dir():
+  """``$TMPDIR/mstkd_jax-<uid>/native``, created for this user alone (mode 0700); refused when
+  someone else owns it or others may write into it (a library loaded from there runs)."""
+  parent = os.path.join(tempfile.gettempdir(), f'mstkd_jax-{os.getuid()}')
+  os.makedirs(parent, mode=0o700, exist_ok=True)
+  st = os.lstat(parent)
+  private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+  if not private:
+    raise NativeUnavailable(f'{_cache_dir()} cannot be written and {parent} is not a folder '
+                            'of this user alone; set MSTKD_NATIVE_CACHE to a writable folder')
+  return os.path.join(parent, 'native')
+
+
+def _writable(folder):
+  """True when files can be created in ``folder`` (created if needed)."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      return True
+  except OSError:
+    return False
+
+
 def _compiler():
   return os.environ.get('CXX', 'g++')
 
 
-def library_path(prefix):
-  """Where the library built from this source, jaxlib and oneDNN prefix lives."""
+def library_path(prefix, folder=None):
+  """Where the library built from this source, jaxlib and oneDNN prefix lives (in ``folder``,
+  default the cache folder)."""
   with open(SOURCE, 'rb') as f:
     digest = hashlib.sha256(f.read())
   digest.update(f'{jaxlib.__version__}|{prefix}|{_compiler()}'.encode())
-  return os.path.join(_cache_dir(), f'libmstkd_onednn_{digest.hexdigest()[:16]}.so')
+  return os.path.join(folder or _cache_dir(), f'libmstkd_onednn_{digest.hexdigest()[:16]}.so')
 
 
 def build(prefix):
-  """Compiles the handlers once (a file lock keeps concurrent processes from racing)."""
+  """Compiles the handlers once (a file lock keeps concurrent processes from racing), in the
+  cache folder, or in a private temporary folder when the cache folder cannot be written."""
   path = library_path(prefix)
   if os.path.exists(path):
     return path
+  if not _writable(os.path.dirname(path)):
+    fallback = library_path(prefix, _private_temporary_dir())
+    logging.info('cannot write into %s: the oneDNN convolutions are built in %s',
+                 os.path.dirname(path), os.path.dirname(fallback))
+    path = fallback
+    if os.path.exists(path):
+      return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
