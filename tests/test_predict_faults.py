@@ -253,3 +253,18 @@ def test_case_report_resolution_and_legend_names(exported, tmp_path, monkeypatch
 def test_inference_module_is_what_prediction_loads(exported):
   model = predict.load_model(exported)
   assert isinstance(model, inference.Model) and model.facts.evaluation
+
+
+def test_two_predictions_into_one_folder_the_second_stops(exported, tmp_path, capsys):
+  from mstkd_jax import workdir_lock
+  root, out = tmp_path / 'cases', tmp_path / 'segs'
+  _two_cases(root)
+  with workdir_lock.hold(str(out), 'prediction'):
+    assert predict.main(['--checkpoint', exported, '--input_dir', str(root), '--out',
+                         str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'in use by another job' in err and 'prediction' in err
+    assert not [n for n in os.listdir(out) if n.endswith('.nii.gz')]
+  assert predict.main(['--checkpoint', exported, '--input_dir', str(root), '--out',
+                       str(out)]) == 0
+  assert not os.path.exists(os.path.join(out, workdir_lock.LOCK_NAME))

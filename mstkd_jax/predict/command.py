@@ -76,11 +76,13 @@ Errors are reported in one line (exit status 2): no modality given, a modality g
 one file given as two modalities, a missing or unreadable file, a file that looks like a label
 map or mask rather than a scan, files of different shapes or affines, a checkpoint trained with
 another config, an unknown label convention, an output location that cannot be written (checked
-before any work). An output that cannot be written once the work started (a full disk) stops
+before any work), an output folder another prediction is writing into (one job per folder: a
+lock file ``<out>/.mstkd.lock`` names the holder). An output that cannot be written once the work started (a full disk) stops
 the run with one line naming the file and the free space, exit status 4; no temporary file is
 left behind, and ``--continue`` carries on after space is freed.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -91,6 +93,7 @@ from mstkd_jax import cli
 from mstkd_jax import compile_cache
 from mstkd_jax import configs
 from mstkd_jax import model_facts
+from mstkd_jax import workdir_lock
 from mstkd_jax.inference import load_model
 from mstkd_jax.modalities import LEGACY_KEYS, MODALITIES, MODALITY_KEYS, channel_index
 from mstkd_jax.predict.cases import case_id_from_files, check_paths, paths_only, scan_input_folder
@@ -231,75 +234,78 @@ def main(argv=None):
   options = {names[0]: getattr(args, names[0]) for names in CHANNEL_OPTIONS}
   raw = sys.argv[1:] if argv is None else list(argv)
   used = [name for name, _ in modality_flags(raw)]
-  try:
-    check_each_modality_once(raw)
-    if args.input_dir and any(options.values()):
-      raise PredictionError('give either modality files or --input_dir, not both')
-    if not args.input_dir:
-      check_paths(options)
-    check_out(args.out, folder=bool(args.input_dir))
-    scan = (scan_input_folder(args.input_dir, args.channels, args.dataset_json)
-            if args.input_dir else None)
-    config = load_config_file(args.config) if args.config else None
-    t0 = time.time()
-    print(f'loading the network from {args.checkpoint} (the first forward pass compiles it)',
-          file=sys.stderr, flush=True)
-    model = load_model(args.checkpoint, args.step, config, args.batch_size)
-    if args.resample_to:
-      try:
-        channel_index(args.resample_to)
-      except ValueError as e:
-        raise PredictionError(f'--resample_to: {e}') from e
-    kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend,
-                  tta=args.tta, resample_to=args.resample_to, network=args.network)
-    if args.input_dir:
-      choice = resolve_labels(args.labels, model, paths_only(scan.cases))
-      kinds = ', '.join(f'{n} {k}' for k, n in scan.kinds.items() if n)
-      print(f'{len(scan.cases)} case(s) in {args.input_dir} ({kinds}); writing '
-            f'{choice.describe()}', file=sys.stderr, flush=True)
-      written, failed, skipped, choice, records = predict_folder(
-          model, scan.cases, args.out, choice, args.save_probabilities,
-          skip_existing=args['continue'].value, report=args.report, **kwargs)
-      done = len(scan.cases) - len(failed) - len(skipped)
-      print(f'{done} case(s) segmented into {args.out} in {time.time() - t0:.1f} s, '
-            f'{choice.describe()}'
-            + (f'; {len(skipped)} already done (--continue)' if skipped else '')
-            + ('; per case: <case id>.json, all cases: volumes.csv' if done else ''))
-      for subset in sorted({r['modalities_used'] for r in records.values()}):
-        _print_expected(model, next(r for r in records.values()
-                                    if r['modalities_used'] == subset))
-      for entry, reason in scan.skipped:
-        print(f'error: {entry}: skipped: {reason}', file=sys.stderr)
-      for case_id, message in failed.items():
-        print(f'error: {case_id}: {message}', file=sys.stderr)
-      if failed or scan.skipped:
-        print(f'error: {len(failed)} case(s) failed and {len(scan.skipped)} entr(ies) of '
-              f'{args.input_dir} were skipped (listed above)', file=sys.stderr)
-        return 1
-      return 0
-    choice = resolve_labels(args.labels, model, [p for p in options.values() if p], used)
-    case_id = case_id_from_files(options.values())
-    prediction = predict_files(model, options, labels=choice, case_id=case_id, **kwargs)
-    written, record = write_case(prediction, model, case_id, args.out, args.save_probabilities,
-                                 args.report, args.threshold)
-  except OutputWriteError as e:
-    print(f'error: {e}' + (' (the cases written before it are complete: free space and run '
-                           'the same command with --continue)' if args.input_dir else ''),
-          file=sys.stderr)
-    return 4
-  except (PredictionError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except ValueError as e:  # config compatibility and other checks
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  volumes = record['volumes_ml']
-  print(f'{", ".join(written)}: {choice.describe()}, from {record["modalities_used"]} '
-        f'({model.source}, {time.time() - t0:.1f} s)')
-  print(f'  tumour volumes: WT {volumes["WT"]:.2f} mL, TC {volumes["TC"]:.2f} mL, '
-        f'ET {volumes["ET"]:.2f} mL')
-  _print_expected(model, record)
-  return 0
+  with contextlib.ExitStack() as held:
+    try:
+      check_each_modality_once(raw)
+      if args.input_dir and any(options.values()):
+        raise PredictionError('give either modality files or --input_dir, not both')
+      if not args.input_dir:
+        check_paths(options)
+      check_out(args.out, folder=bool(args.input_dir))
+      if args.input_dir:         # one job per output folder
+        held.enter_context(workdir_lock.hold(args.out, 'prediction'))
+      scan = (scan_input_folder(args.input_dir, args.channels, args.dataset_json)
+              if args.input_dir else None)
+      config = load_config_file(args.config) if args.config else None
+      t0 = time.time()
+      print(f'loading the network from {args.checkpoint} (the first forward pass compiles it)',
+            file=sys.stderr, flush=True)
+      model = load_model(args.checkpoint, args.step, config, args.batch_size)
+      if args.resample_to:
+        try:
+          channel_index(args.resample_to)
+        except ValueError as e:
+          raise PredictionError(f'--resample_to: {e}') from e
+      kwargs = dict(threshold=args.threshold, overlap=args.overlap, blend=args.blend,
+                    tta=args.tta, resample_to=args.resample_to, network=args.network)
+      if args.input_dir:
+        choice = resolve_labels(args.labels, model, paths_only(scan.cases))
+        kinds = ', '.join(f'{n} {k}' for k, n in scan.kinds.items() if n)
+        print(f'{len(scan.cases)} case(s) in {args.input_dir} ({kinds}); writing '
+              f'{choice.describe()}', file=sys.stderr, flush=True)
+        written, failed, skipped, choice, records = predict_folder(
+            model, scan.cases, args.out, choice, args.save_probabilities,
+            skip_existing=args['continue'].value, report=args.report, **kwargs)
+        done = len(scan.cases) - len(failed) - len(skipped)
+        print(f'{done} case(s) segmented into {args.out} in {time.time() - t0:.1f} s, '
+              f'{choice.describe()}'
+              + (f'; {len(skipped)} already done (--continue)' if skipped else '')
+              + ('; per case: <case id>.json, all cases: volumes.csv' if done else ''))
+        for subset in sorted({r['modalities_used'] for r in records.values()}):
+          _print_expected(model, next(r for r in records.values()
+                                      if r['modalities_used'] == subset))
+        for entry, reason in scan.skipped:
+          print(f'error: {entry}: skipped: {reason}', file=sys.stderr)
+        for case_id, message in failed.items():
+          print(f'error: {case_id}: {message}', file=sys.stderr)
+        if failed or scan.skipped:
+          print(f'error: {len(failed)} case(s) failed and {len(scan.skipped)} entr(ies) of '
+                f'{args.input_dir} were skipped (listed above)', file=sys.stderr)
+          return 1
+        return 0
+      choice = resolve_labels(args.labels, model, [p for p in options.values() if p], used)
+      case_id = case_id_from_files(options.values())
+      prediction = predict_files(model, options, labels=choice, case_id=case_id, **kwargs)
+      written, record = write_case(prediction, model, case_id, args.out, args.save_probabilities,
+                                   args.report, args.threshold)
+    except OutputWriteError as e:
+      print(f'error: {e}' + (' (the cases written before it are complete: free space and run '
+                             'the same command with --continue)' if args.input_dir else ''),
+            file=sys.stderr)
+      return 4
+    except (PredictionError, FileNotFoundError, cli.InputError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    except ValueError as e:  # config compatibility and other checks
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    volumes = record['volumes_ml']
+    print(f'{", ".join(written)}: {choice.describe()}, from {record["modalities_used"]} '
+          f'({model.source}, {time.time() - t0:.1f} s)')
+    print(f'  tumour volumes: WT {volumes["WT"]:.2f} mL, TC {volumes["TC"]:.2f} mL, '
+          f'ET {volumes["ET"]:.2f} mL')
+    _print_expected(model, record)
+    return 0
 
 
 def console_main():

@@ -78,8 +78,9 @@ def predict_folder(model, cases, out_dir, labels='auto', save_probabilities=Fals
   """Segments ``cases`` (from ``folder_cases``) into ``out_dir/<case id>.nii.gz`` with a
   ``<case id>.json`` sidecar each and ``volumes.csv`` over the folder; one label convention
   for the whole run (``resolve_labels``), also with the cases of the folder that stay.
-  ``skip_existing``: not the cases already done (label map and sidecar written). Returns (written paths, {case id: error message}, skipped case ids, LabelChoice,
-  {case id: sidecar record})."""
+  ``skip_existing``: not the cases already done (label map and sidecar written). Returns
+  (written paths, {case id: error message}, skipped case ids, LabelChoice, {case id: sidecar
+  record})."""
   choice = labels if isinstance(labels, LabelChoice) else resolve_labels(
       labels, model, paths_only(cases))
   os.makedirs(out_dir, exist_ok=True)
