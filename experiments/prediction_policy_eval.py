@@ -2,17 +2,17 @@
 all four scans at least what any subset gives? Cross-fitted over compare_variants.py's folds.
 
   python experiments/prediction_policy_eval.py --out runs/cv30 --folds 5 \
-      --variants mstkd,plain [--min-cases 10] [--report policy_report]
+      --variants mstkd,plain [--scan-choice] [--min-cases 10] [--report policy_report]
 
 For every finished run ``<out>/fold<k>/<variant>`` the policy of ``mstkd_jax.prediction_policy``
 is decided from the test cases of the *other* folds (``decide`` on their ``eval/per_case.csv``:
 other networks of the same recipe, cases this run's test cases are not among), as an export
-whose held-out evaluation had those cases would decide it, and applied to this run's test
-cases: for all four scans the teacher when the policy says so (its rows of the run's
-evaluation), for every input the student's per-region choice of scans where the policy
-carries one (the student run on each needed subset, regions composed as prediction does),
-else the student on every scan (the run's evaluation). Per case and input: Dice and HD95
-(``<workdir>/eval/policy_crossfit.csv``, the per_case.csv layout).
+whose held-out evaluation had those cases would decide it (``--scan-choice``: with the
+per-region choice of scans, ``--export_scan_choice``), and applied to this run's test cases
+as prediction applies it: per region the network and scans of ``prediction_policy.plan``,
+composed nested; the student alone recomputed must equal the run's evaluation. Per case and
+input: Dice and HD95 (``<workdir>/eval/policy_crossfit[_scans].csv``, the per_case.csv
+layout).
 
 Report (``<out>/<report>.md`` / ``.json``), per variant:
   * all four scans, teacher minus student per region: mean, interval over test cases and over
@@ -49,54 +49,64 @@ def per_case(workdir):
   return report.read_per_case_csv(os.path.join(workdir, 'eval', 'per_case.csv'))
 
 
-def crossfit_policies(runs, min_cases):
+def crossfit_policies(runs, min_cases, choose_scans):
   """{workdir: the policy decided from the other runs' test evaluations}."""
   out = {}
   for fold, workdir in runs:
     rows = [r for other_fold, other in runs if other_fold != fold for r in per_case(other)]
-    out[workdir] = policy_lib.decide(rows, has_teacher=True, min_cases=min_cases,
+    out[workdir] = policy_lib.decide(rows, has_teacher=True, choose_scans=choose_scans,
+                                     min_cases=min_cases,
                                      held_out={'from': 'the other folds\' test cases'})
   return out
 
 
-def apply_policy(workdir, out, fold, policy):
-  """The policy's per-case rows on the run's test cases (module doc)."""
+def apply_policy(workdir, out, fold, policy, tag):
+  """The policy's per-case rows on the run's test cases (module doc); the student alone on
+  every input must reproduce the run's own evaluation."""
   from mstkd_jax import checkpoint as ckpt
   from mstkd_jax import inference as inference_lib
   from mstkd_jax import metrics
   from mstkd_jax.data import pipeline
-  own = per_case(workdir)
-  teacher_rows = [dict(r, subset=FULL_NAME) for r in own if r['subset'] == report.TEACHER_SUBSET]
-  student_rows = [r for r in own if r['subset'] != report.TEACHER_SUBSET]
+  config = ckpt.load_config(workdir)
+  config.data.split_file = os.path.join(out, f'split_fold{fold}.json')
+  config.data.cache_dir = os.path.join(out, 'cache')
+  loaded = ckpt.load_networks(config, workdir, 'latest', names=('student', 'teacher'))
+  inference = inference_lib.get_inference(config)
+  student = inference.place(loaded.networks['student'])
+  teacher = inference.place(loaded.networks['teacher'])
+  dataset = pipeline.prepare(config, workdir, splits=('test',), progress=False)
+  convention = config.eval.get('hd95_convention', 'brats')
   plans = {subset_name(s): policy_lib.plan(policy, s, has_teacher=True) for s in ALL_SUBSETS}
-  rows = [r for r in student_rows if plans[r['subset']].network == 'student'
-          and not plans[r['subset']].scans]
-  if plans[FULL_NAME].network == 'teacher':
-    rows += teacher_rows
-  composed = [name for name, plan in plans.items() if plan.scans]
-  if composed:
-    config = ckpt.load_config(workdir)
-    config.data.split_file = os.path.join(out, f'split_fold{fold}.json')
-    config.data.cache_dir = os.path.join(out, 'cache')
-    student = ckpt.load_networks(config, workdir, 'latest', names=('student',)).primary()
-    inference = inference_lib.get_inference(config)
-    student = inference.place(student)
-    dataset = pipeline.prepare(config, workdir, splits=('test',), progress=False)
-    convention = config.eval.get('hd95_convention', 'brats')
-    for case in pipeline.load_eval_cases(dataset, 'test'):
-      probs = dict(zip([subset_name(s) for s in ALL_SUBSETS],
-                       inference.run(student, masked_copies(case.image, ALL_SUBSETS))))
-      truth = metrics.region_masks(case.label)
-      for name in composed:
-        chosen = {r: sel.parse_candidate(c) for r, c in plans[name].scans.items()}
-        scores = metrics.case_metrics(metrics.region_masks(sel.combine(chosen, probs)), truth,
-                                      case.spacing, convention)
-        rows += report.metric_rows(case.case_id, name, scores)
-  path = os.path.join(workdir, 'eval', 'policy_crossfit.csv')
-  report.write_per_case_csv(rows, path)
-  with open(os.path.join(workdir, 'eval', 'policy_crossfit.json'), 'w') as f:
+  rows, alone = [], []
+  for case in pipeline.load_eval_cases(dataset, 'test'):
+    probs = {('student', subset_name(s)): p for s, p in zip(
+        ALL_SUBSETS, inference.run(student, masked_copies(case.image, ALL_SUBSETS)))}
+    probs[('teacher', FULL_NAME)] = inference.run(teacher, case.image[None])[0]
+    truth = metrics.region_masks(case.label)
+    for name, plan in plans.items():
+      per_region = {r: np.mean([probs[(net, n)] for n in sel.parse_candidate(scans)], axis=0)
+                    for r, (net, scans) in plan.sources.items()}
+      output = per_region['WT'] if plan.single else sel.compose(per_region)
+      scores = metrics.case_metrics(metrics.region_masks(output), truth, case.spacing,
+                                    convention)
+      rows += report.metric_rows(case.case_id, name, scores)
+      scores = metrics.case_metrics(metrics.region_masks(probs[('student', name)]), truth,
+                                    case.spacing, convention)
+      alone += report.metric_rows(case.case_id, name, scores)
+  check_student_alone(workdir, alone)
+  report.write_per_case_csv(rows, os.path.join(workdir, 'eval', f'policy_{tag}.csv'))
+  with open(os.path.join(workdir, 'eval', f'policy_{tag}.json'), 'w') as f:
     json.dump(policy, f, indent=1)
   return rows
+
+
+def check_student_alone(workdir, rows):
+  """The student alone, recomputed here, must give the run's eval/per_case.csv (Dice to 1e-9)."""
+  own = {(r['case'], r['subset'], r['region']): r['dice'] for r in per_case(workdir)
+         if r['subset'] != report.TEACHER_SUBSET}
+  worst = max(abs(own[(r['case'], r['subset'], r['region'])] - r['dice']) for r in rows)
+  if worst > 1e-9:
+    raise SystemExit(f'{workdir}: the student alone differs from eval/per_case.csv by {worst}')
 
 
 def interval(values):
@@ -163,7 +173,7 @@ def summarise(runs, policy_rows, policies):
       'dominance': {'student': report.dominance(student)['regions'],
                     'policy': report.dominance(policy)['regions']},
       'decisions': {f'fold{fold}': {
-          'all_four': policies[w]['full_input']['network'],
+          'all_four': policies[w]['full_input']['regions'],
           'teacher_minus_student': policies[w]['full_input'].get('teacher_minus_student'),
           'selection': policies[w]['subset_selection']['applied'],
           'selection_changes': sel.describe(policies[w]['subset_selection']['rule'])
@@ -206,10 +216,11 @@ def markdown(result, argv):
     lines += ['', 'Decisions (each from the other folds\' test cases):', '']
     for fold, d in e['decisions'].items():
       diff = d['teacher_minus_student'] or {}
-      lines.append(f'* {fold}: all four -> {d["all_four"]}'
-                   + (f' (teacher - student {100 * diff["mean"]:+.1f} points)' if diff else '')
+      lines.append(f'* {fold}: all four -> ' + ', '.join(
+          f'{r} {net}' + (f' ({100 * diff[r]["mean"]:+.1f})' if r in diff else '')
+          for r, net in d['all_four'].items())
                    + f'; per-region choice of scans: {"on" if d["selection"] else "off"}'
-                   + (': ' + '; '.join(d['selection_changes'].splitlines())
+                   + (': ' + '; '.join(x.strip() for x in d['selection_changes'].splitlines())
                       if d['selection_changes'] else ''))
     lines.append('')
   return '\n'.join(lines) + '\n'
@@ -222,6 +233,8 @@ def main(argv=None):
   parser.add_argument('--variants', default='mstkd,plain')
   parser.add_argument('--folds', type=int, default=5)
   parser.add_argument('--min-cases', type=int, default=policy_lib.MIN_SELECTION_CASES)
+  parser.add_argument('--scan-choice', action='store_true',
+                      help='policies with the per-region choice of scans (export_scan_choice)')
   parser.add_argument('--report', default='policy_report')
   args = parser.parse_args(argv)
   result = {}
@@ -231,8 +244,9 @@ def main(argv=None):
     if len(runs) < 2:
       print(f'{variant}: fewer than 2 finished runs')
       continue
-    policies = crossfit_policies(runs, args.min_cases)
-    policy_rows = {w: apply_policy(w, args.out, k, policies[w]) for k, w in runs}
+    policies = crossfit_policies(runs, args.min_cases, args.scan_choice)
+    tag = 'crossfit_scans' if args.scan_choice else 'crossfit'
+    policy_rows = {w: apply_policy(w, args.out, k, policies[w], tag) for k, w in runs}
     result[variant] = summarise(runs, policy_rows, policies)
     print(f'[policy] {variant}: {len(runs)} runs', flush=True)
   path = os.path.join(args.out, args.report)

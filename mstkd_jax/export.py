@@ -63,10 +63,12 @@ def is_complete(out):
     return False
 
 
-def export_student(config, workdir, checkpoint=None, out=None, overwrite=False, teacher=True):
+def export_student(config, workdir, checkpoint=None, out=None, overwrite=False, teacher=True,
+                   choose_scans=False):
   """Writes the student of ``workdir``'s checkpoint (None/'latest', 'best' or a step) to
   ``out`` (default ``<workdir>/export``), with the teacher unless ``teacher`` is False, and
-  the prediction policy decided from the run's test evaluation; a complete export there is
+  the prediction policy decided from the run's test evaluation (with a per-region choice of
+  scans only with ``choose_scans``); a complete export there is
   replaced only with ``overwrite``, an incomplete one (an interrupted export) always. The
   manifest is written last: an export without it is incomplete (``is_complete``). Returns the
   folder."""
@@ -103,7 +105,7 @@ def export_student(config, workdir, checkpoint=None, out=None, overwrite=False, 
       print(f'Note: evaluation.json holds the evaluation of {evaluation.get("source")}, not of '
             f'the exported step {step} (run --mode=eval with this checkpoint to replace it).',
             flush=True)
-    policy = prediction_policy.from_workdir(workdir, has_teacher=teacher)
+    policy = prediction_policy.from_workdir(workdir, teacher, choose_scans)
     prediction_policy.write(policy, out)
     write_json_atomic(os.path.join(out, 'metadata.json'),
                       metadata(config, workdir, step, evaluation, policy, teacher), indent=2)
@@ -163,7 +165,7 @@ def metadata(config, workdir, step, evaluation=None, policy=None, teacher=False)
       'evaluated_on': {k: (evaluation or {}).get(k) for k in ('split', 'num_cases', 'data',
                                                               'source')},
       'prediction_policy': {
-          'all_four_scans': (policy or {}).get('full_input', {}).get('network', 'student'),
+          'all_four_scans': (policy or {}).get('full_input', {}).get('regions'),
           'per_region_choice_of_scans': bool(
               (policy or {}).get('subset_selection', {}).get('applied')),
           'file': prediction_policy.FILE_NAME},

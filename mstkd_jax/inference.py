@@ -235,30 +235,36 @@ def flip(array, flips):
                                       for f in flips)]
 
 
-def box_probabilities(model, image, overlap=None, blend=None, tta=False, variables=None,
-                      subsets=None, combine=None):
+def box_probabilities(model, image, overlap=None, blend=None, tta=False, passes=None,
+                      combine=None):
   """Sigmoid probabilities [bx, by, bz, C] of one preprocessed box [bx, by, bz, 4] from the
-  student (or ``variables``); with ``tta`` the mean over the 8 mirrored inputs (each mirrored
+  student on the whole box; with ``tta`` the mean over the 8 mirrored inputs (each mirrored
   back), and the per-voxel share of mirrored predictions whose thresholded channels differ
-  from the mean's (else None). With ``subsets`` the network runs on the box's masked copy for
-  each of them and ``combine(probs [k, bx, by, bz, C]) -> [bx, by, bz, C]`` merges them (per
-  mirroring). One ``predict`` call for every mirroring and copy."""
-  variables = model.variables if variables is None else variables
-  inputs = image[None] if subsets is None else masked_copies(image, subsets)
+  from the mean's (else None). ``passes`` [(variables, subset or None)] runs each network on
+  the box's masked copy for its subset (None: the box as given) and ``combine(outputs [k, bx,
+  by, bz, C]) -> [bx, by, bz, C]`` merges them, per mirroring. One ``predict`` call per
+  network, for all its mirrorings and copies."""
+  passes = list(passes or [(model.variables, None)])
   mirrors = MIRRORS if tta else MIRRORS[:1]
-  batch = np.concatenate([flip(inputs, f) for f in mirrors])
-  outputs = model.inference.predict(variables, batch, overlap=overlap, blend=blend)
-  k = len(inputs)
-  merged = []
-  for i, f in enumerate(mirrors):
-    back = flip(outputs[i * k:(i + 1) * k], f)
-    merged.append(back[0] if combine is None else combine(back))
+  outputs = [None] * len(passes)
+  groups = {}
+  for k, (variables, _) in enumerate(passes):
+    groups.setdefault(id(variables), []).append(k)
+  for members in groups.values():
+    inputs = np.stack([image if passes[k][1] is None else masked_copies(image, [passes[k][1]])[0]
+                       for k in members])
+    batch = np.concatenate([flip(inputs, f) for f in mirrors])
+    out = model.inference.predict(passes[members[0]][0], batch, overlap=overlap, blend=blend)
+    for j, k in enumerate(members):
+      outputs[k] = [flip(out[i * len(members) + j][None], f)[0] for i, f in enumerate(mirrors)]
+  merged = [outputs[0][i] if combine is None else combine([o[i] for o in outputs])
+            for i in range(len(mirrors))]
   if not tta:
     return merged[0], None
-  outputs = np.stack(merged)
-  mean = outputs.mean(axis=0)
+  merged = np.stack(merged)
+  mean = merged.mean(axis=0)
   final = mean[..., :3] > 0.5
-  disagree = np.mean([np.any((o[..., :3] > 0.5) != final, axis=-1) for o in outputs], axis=0)
+  disagree = np.mean([np.any((o[..., :3] > 0.5) != final, axis=-1) for o in merged], axis=0)
   return mean, disagree.astype(np.float32)
 
 

@@ -6,13 +6,15 @@ than from the teacher, or than from some of their scans (experiments/RESULTS_qua
 *prediction policy* of an export says, from the run's own held-out evaluation (cases that did
 not train the networks, ``<workdir>/eval/per_case.csv``):
 
-* ``full_input``: for a patient with all four scans, the teacher when the export carries it
-  and its held-out mean Dice (WT, TC, ET averaged) is at least the student's on all four scans,
-  else the student;
-* ``subset_selection``: for the other inputs, a per-region choice of scans
+* ``full_input``: for a patient with all four scans, per region (WT, TC, ET), the teacher when
+  the export carries it and its held-out mean Dice for that region is at least the student's
+  on all four scans, else the student; regions from both networks are composed nested (ET
+  within TC within WT, ``subset_selection.compose``);
+* ``subset_selection``: a per-region choice of scans for the student
   (``subset_selection.choose`` on single subsets, kept only where the per-case gain's 95 %
-  interval lies above 0), applied only when the evaluation has at least ``MIN_SELECTION_CASES``
-  cases; otherwise off, with the reason.
+  interval lies above 0, and only with at least ``MIN_SELECTION_CASES`` held-out cases). Off
+  unless the export asks for it (``--export_scan_choice``): cross-fitted over 5 folds it did
+  not pay (``SELECTION_OFF``).
 
 Every decision carries its evidence (cases, Dice of each option) and what a user is promised
 for each input (``expected``). ``plan(policy, present)`` turns the policy into what to run
@@ -50,27 +52,34 @@ def _means(rows, subset):
 
 
 def decide_full_input(rows, has_teacher):
-  """The network for all four scans (module doc), with its evidence."""
+  """Per region, the network for all four scans (module doc), with its evidence."""
+  student_only_ = lambda reason: {'network': 'student', 'regions': {r: 'student' for r in REGIONS},
+                                  'reason': reason}
   if not has_teacher:
-    return {'network': 'student', 'reason': 'no teacher carried'}
+    return student_only_('no teacher carried')
   _, teacher = _means(rows, report.TEACHER_SUBSET)
   _, student = _means(rows, FULL_NAME)
   cases = sorted(set.intersection(*[set(teacher.get(r, {})) & set(student.get(r, {}))
                                     for r in REGIONS]))
   if not cases:
-    return {'network': 'student', 'reason': 'no held-out evaluation of the teacher on all '
-                                            'four scans'}
+    return student_only_('no held-out evaluation of the teacher on all four scans')
   evidence = {name: {r: float(np.mean([table[r][c] for c in cases])) for r in REGIONS}
               for name, table in (('teacher', teacher), ('student', student))}
-  diffs = [np.mean([teacher[r][c] - student[r][c] for r in REGIONS]) for c in cases]
-  mean, low, high = report.mean_interval(diffs, CONFIDENCE)
-  use_teacher = mean >= 0
-  return {'network': 'teacher' if use_teacher else 'student',
-          'reason': (f'on {len(cases)} held-out case(s) with all four scans the teacher\'s mean '
-                     f'Dice is {"at least" if use_teacher else "below"} the student\'s '
-                     f'({100 * mean:+.1f} points)'),
-          'num_cases': len(cases), 'dice': evidence,
-          'teacher_minus_student': {'mean': mean, 'low': low, 'high': high}}
+  differences, regions = {}, {}
+  for r in REGIONS:
+    mean, low, high = report.mean_interval([teacher[r][c] - student[r][c] for c in cases],
+                                           CONFIDENCE)
+    differences[r] = {'mean': mean, 'low': low, 'high': high}
+    regions[r] = 'teacher' if mean >= 0 else 'student'
+  teacher_regions = [r for r in REGIONS if regions[r] == 'teacher']
+  network = ('teacher' if len(teacher_regions) == len(REGIONS) else
+             'student' if not teacher_regions else 'teacher and student')
+  return {'network': network, 'regions': regions,
+          'reason': (f'on {len(cases)} held-out case(s) with all four scans, per region the '
+                     'network with the higher mean Dice: ' + ', '.join(
+                         f'{r} {regions[r]} ({100 * differences[r]["mean"]:+.1f} points for the '
+                         'teacher)' for r in REGIONS)),
+          'num_cases': len(cases), 'dice': evidence, 'teacher_minus_student': differences}
 
 
 def decide_selection(rows, min_cases=MIN_SELECTION_CASES):
@@ -101,23 +110,32 @@ def decide_selection(rows, min_cases=MIN_SELECTION_CASES):
                     f'{len(expected)} input(s), outside the noise (95 % interval above 0)'}
 
 
-def decide(rows, has_teacher, min_cases=MIN_SELECTION_CASES, held_out=None):
-  """The policy from per-case rows (``report.read_per_case_csv``) of held-out cases."""
+SELECTION_OFF = ('off by default: cross-fitted on 5 folds of BraTS 2018 cases it raised no '
+                 'partial input\'s Dice outside the noise (experiments/RESULTS_quality.md); '
+                 '--export_scan_choice carries it')
+
+
+def decide(rows, has_teacher, choose_scans=False, min_cases=MIN_SELECTION_CASES,
+           held_out=None):
+  """The policy from per-case rows (``report.read_per_case_csv``) of held-out cases; the
+  per-region choice of scans only with ``choose_scans``."""
+  selection = (decide_selection(rows, min_cases) if choose_scans else
+               {'applied': False, 'rule': None, 'expected': {}, 'reason': SELECTION_OFF})
   return {'format': FORMAT, 'held_out': dict(held_out or {}),
-          'full_input': decide_full_input(rows, has_teacher),
-          'subset_selection': decide_selection(rows, min_cases)}
+          'full_input': decide_full_input(rows, has_teacher), 'subset_selection': selection}
 
 
 def student_only():
   """The policy of a model without held-out evidence: the student on every scan given."""
   reason = 'no held-out evaluation recorded'
   return {'format': FORMAT, 'held_out': {},
-          'full_input': {'network': 'student', 'reason': reason},
+          'full_input': {'network': 'student', 'regions': {r: 'student' for r in REGIONS},
+                         'reason': reason},
           'subset_selection': {'applied': False, 'reason': reason, 'rule': None,
                                'expected': {}}}
 
 
-def from_workdir(workdir, has_teacher):
+def from_workdir(workdir, has_teacher, choose_scans=False):
   """The policy of a training workdir, from its test evaluation (``eval/per_case.csv``)."""
   path = os.path.join(workdir, 'eval', 'per_case.csv')
   if not os.path.isfile(path):
@@ -129,7 +147,7 @@ def from_workdir(workdir, has_teacher):
   except (OSError, ValueError):
     pass
   held_out = {k: summary[k] for k in ('split', 'source') if k in summary}
-  return decide(report.read_per_case_csv(path), has_teacher, held_out=held_out)
+  return decide(report.read_per_case_csv(path), has_teacher, choose_scans, held_out=held_out)
 
 
 def write(policy, folder):
@@ -155,14 +173,32 @@ def read(location, has_teacher):
 
 @dataclasses.dataclass
 class Plan:
-  """What runs for one patient: ``network`` ('student' / 'teacher'), ``scans`` {region:
-  subset name(s) the student's output for it comes from} (None: all given scans), ``reason``
-  (one line), ``expected`` {region: {'dice', ...}} of the held-out evidence (None: the
-  standard 15-subset evaluation applies)."""
-  network: str
-  scans: Optional[dict]
+  """What runs for one patient: ``sources`` {region: (network 'student' / 'teacher', the
+  scans its output for that region comes from: a subset name, or several joined by '|' whose
+  outputs are averaged)}, ``reason`` (one line) and ``expected`` {region: {'dice', ...}} of
+  the held-out evidence for a per-region choice of scans (None otherwise)."""
+  sources: dict
   reason: str
   expected: Optional[dict] = None
+
+  @property
+  def network(self):
+    """'student', 'teacher', or 'teacher and student' (regions from both)."""
+    names = {net for net, _ in self.sources.values()}
+    return names.pop() if len(names) == 1 else 'teacher and student'
+
+  @property
+  def networks(self):
+    return {r: net for r, (net, _) in self.sources.items()}
+
+  @property
+  def scans(self):
+    return {r: scans for r, (_, scans) in self.sources.items()}
+
+  @property
+  def single(self):
+    """True when one network on one input gives every region (no composition)."""
+    return len(set(self.sources.values())) == 1
 
 
 def plan(policy, present, network='auto', has_teacher=False) -> Plan:
@@ -171,27 +207,30 @@ def plan(policy, present, network='auto', has_teacher=False) -> Plan:
   scans only)."""
   present = tuple(bool(p) for p in present)
   name = subset_name(present)
+  every = lambda net: {r: (net, name) for r in REGIONS}
   if network == 'teacher':
     if not has_teacher:
       raise ValueError('--network teacher: this model carries no teacher')
     if present != FULL:
       raise ValueError(f'--network teacher: the teacher was trained on all four scans; this '
                        f'patient has {name}')
-    return Plan('teacher', None, 'asked for (--network teacher)')
+    return Plan(every('teacher'), 'asked for (--network teacher)')
   if network == 'student':
-    return Plan('student', None, 'asked for (--network student): every scan given')
+    return Plan(every('student'), 'asked for (--network student): every scan given')
   full = (policy or {}).get('full_input', {})
-  if present == FULL and full.get('network') == 'teacher' and has_teacher:
-    expected = {r: {'dice': full['dice']['teacher'][r], 'num_cases': full['num_cases']}
-                for r in REGIONS}
-    return Plan('teacher', None, full['reason'], expected)
   selection = (policy or {}).get('subset_selection', {})
   chosen = subset_selection.rule_for(selection.get('rule') if selection.get('applied')
                                      else None, present)
+  sources = {r: ('student', subset_selection.candidate_name(c)) for r, c in chosen.items()}
+  reasons = []
   if any(c != (name,) for c in chosen.values()):
-    scans = {r: subset_selection.candidate_name(c) for r, c in chosen.items()}
-    return Plan('student', scans, 'per region the scans that scored best on held-out cases '
-                '(' + ', '.join(f'{r} from {s}' for r, s in scans.items()) + ')',
-                selection['expected'].get(name))
-  why = full.get('reason') if present == FULL and full.get('network') != 'teacher' else None
-  return Plan('student', None, why or 'every scan given')
+    reasons.append('scans per region from held-out cases')
+  expected = selection.get('expected', {}).get(name)
+  if present == FULL and has_teacher:
+    for region, net in (full.get('regions') or {}).items():
+      if net == 'teacher':
+        sources[region] = ('teacher', name)
+    reasons.insert(0, full.get('reason', ''))
+  elif present == FULL:
+    reasons.insert(0, full.get('reason', ''))
+  return Plan(sources, '; '.join(r for r in reasons if r) or 'every scan given', expected)

@@ -410,8 +410,12 @@ def _report_text(record, background):
   network = record.get('network') or {}
   if network:
     lines.append(f'Network:         {network["name"]}')
-    for region, scans in (network.get('scans_per_region') or {}).items():
-      lines.append(f'  {region} from {scans}')
+    per_region = network.get('per_region') or {}
+    if len(set(per_region.values())) > 1 or any(
+        scans != record['modalities_used']
+        for scans in (network.get('scans_per_region') or {}).values()):
+      for region, net in per_region.items():
+        lines.append(f'  {region}: {net}, {network["scans_per_region"][region]}')
   expected = record.get('expected_accuracy')
   lines += ['', f'Expected Dice with {record["modalities_used"]}']
   if expected:

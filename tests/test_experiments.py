@@ -105,6 +105,20 @@ def test_compare_variants_smoke(tmp_path):
   assert rule['source']['from'] == 'other folds' and rule['source']['num_cases'] == 4
   assert (out / 'selection_report.md').read_text().startswith('# Per-region choice')
 
+  # The prediction policy, cross-fitted over the two folds: the student alone recomputed
+  # equals the runs' evaluations (the script checks it), every input scored, the report.
+  for flags in ([], ['--scan-choice', '--min-cases', '1']):
+    proc = _run(['experiments/prediction_policy_eval.py', '--out', str(out), '--folds', '2',
+                 '--variants', 'mstkd'] + flags, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / 'policy_report.json').read_text())['mstkd']
+    assert result['runs'] == 2 and result['cases'] == 8
+    assert result['teacher_vs_student_all_four']['ET']['cases'] == 8
+    assert len(result['policy_vs_student']['per_subset']) == 15
+    assert (out / 'fold0' / 'mstkd' / 'eval' / 'policy_crossfit.csv').stat().st_size > 0
+  assert 'teacher minus student' in (out / 'policy_report.md').read_text()
+  assert (out / 'fold0' / 'mstkd' / 'eval' / 'policy_crossfit_scans.csv').stat().st_size > 0
+
 
 def _compare_variants_module():
   sys.path.insert(0, os.path.join(ROOT, 'experiments'))
@@ -221,34 +235,3 @@ def test_dominance_report_over_runs(tmp_path):
   assert (tmp_path / 'out' / 'dominance_recipe.png').stat().st_size > 0
   assert '| recipe | 3 | ET | 7 | 7 |' in (tmp_path / 'out' / 'dominance.md').read_text()
 
-
-def test_prediction_policy_eval_teacher_decision_and_report(tmp_path):
-  """experiments/prediction_policy_eval.py on three runs' evaluations (tables only: a minimum
-  of held-out cases no table reaches leaves the per-region choice off, so no network is
-  needed): the teacher is chosen for all four scans from the other folds and scored on this
-  fold's cases; the report pairs the policy with the student alone."""
-  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-  import prediction_policy_eval as ppe  # pylint: disable=import-outside-toplevel
-  from mstkd_jax import report
-  from mstkd_jax.modalities import ALL_SUBSETS, subset_name
-  for fold in range(3):
-    rows = []
-    for case in range(4):
-      for subset in [subset_name(s) for s in ALL_SUBSETS] + [report.TEACHER_SUBSET]:
-        for region in ('WT', 'TC', 'ET'):
-          dice = 0.9 if subset == report.TEACHER_SUBSET else 0.5 + 0.01 * case
-          rows.append({'case': f'F{fold}C{case}', 'subset': subset, 'region': region,
-                       'dice': dice, 'hd95': 4.0})
-    os.makedirs(tmp_path / f'fold{fold}' / 'mstkd' / 'eval')
-    report.write_per_case_csv(rows, str(tmp_path / f'fold{fold}' / 'mstkd' / 'eval' /
-                                        'per_case.csv'))
-  assert ppe.main(['--out', str(tmp_path), '--folds', '3', '--variants', 'mstkd',
-                   '--min-cases', '1000']) == 0
-  result = json.loads((tmp_path / 'policy_report.json').read_text())['mstkd']
-  assert {d['all_four'] for d in result['decisions'].values()} == {'teacher'}
-  assert result['teacher_vs_student_all_four']['ET']['better'] == 12
-  full = result['policy_vs_student']['per_subset']['FLAIR+T1+T1Gd+T2']['WT']
-  assert full['mean'] == pytest.approx(0.9 - 0.515) and full['improved'] == 12
-  assert result['policy_vs_student']['per_subset']['FLAIR']['WT']['mean'] == 0
-  text = (tmp_path / 'policy_report.md').read_text()
-  assert 'teacher minus student' in text and 'all four -> teacher' in text

@@ -35,6 +35,10 @@ What comes out:
 
 * the segmentation has the input's exact shape, affine and header (data type uint8); voxels
   outside the box the model saw are background;
+* the network, printed and in the sidecar: with all four scans, per region, the teacher where
+  the export carries it and its held-out Dice was at least the student's (the model's
+  ``prediction_policy.json``), else the student on every scan given; ``--network student``
+  runs the student alone, as the paper evaluates it;
 * labels, one convention for the whole run, printed in the summary: ``brats2024`` 1 NETC,
   2 SNFH, 3 ET; ``brats2021`` (also FeTS, BraTS 2018-2021) 1 NCR, 2 ED, 4 ET. Default: the
   convention of the cases the model was trained on (recorded at training, carried by the
@@ -77,9 +81,9 @@ one file given as two modalities, a missing or unreadable file, a file that look
 map or mask rather than a scan, files of different shapes or affines, a checkpoint trained with
 another config, an unknown label convention, an output location that cannot be written (checked
 before any work), an output folder another prediction is writing into (one job per folder: a
-lock file ``<out>/.mstkd.lock`` names the holder). An output that cannot be written once the work started (a full disk) stops
-the run with one line naming the file and the free space, exit status 4; no temporary file is
-left behind, and ``--continue`` carries on after space is freed.
+lock file ``<out>/.mstkd.lock`` names the holder). An output that cannot be written once the
+work started (a full disk) stops the run with one line naming the file and the free space, exit
+status 4; no temporary file is left behind, and ``--continue`` carries on after space is freed.
 """
 
 import contextlib
@@ -165,10 +169,10 @@ def _define_flags(fv):
                     'three orthogonal slices through the tumour with the predicted regions, '
                     'the volumes, the modalities used and the expected Dice.', flag_values=fv)
   flags.DEFINE_enum('network', 'auto', ('auto', 'student', 'teacher'), 'Which network: auto '
-                    "(the model's prediction policy: the teacher for all four scans when it is "
-                    'at least as good on held-out cases, a per-region choice of scans where '
-                    'held-out cases support it, else the student on every scan given), student '
-                    '(the student on every scan given), teacher (all four scans only).',
+                    "(the model's prediction policy: with all four scans, per region the teacher "
+                    'where it scored at least as well as the student on held-out cases; else '
+                    'the student on every scan given), student (the student on every scan '
+                    'given: the paper\'s protocol), teacher (all four scans only).',
                     flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Windows per forward pass.', flag_values=fv)
   flags.DEFINE_string('config', None, 'Optional configs/X.py[:variant] the checkpoint must be '

@@ -110,15 +110,27 @@ def sidecar_path(out):
 
 def expected_scores(model, prediction: Prediction):
   """{region: {'dice', 'hd95' (may be absent), 'num_cases'}} of the held-out evaluation that
-  fits how this prediction was made: the teacher on all four scans, the per-region choice of
-  scans, or the student on exactly these scans; None when the model carries none."""
+  fits how each region was made: the teacher's on all four scans, the student's with exactly
+  these scans, or the held-out Dice of a per-region choice of scans; None when the model
+  carries no evaluation."""
+  facts_expected = model.facts.expected(subset_name(prediction.present)) if model.facts else None
   plan = prediction.plan
-  evaluation = model.facts.evaluation if model.facts else None
-  if plan is not None and plan.network == 'teacher':
-    return (evaluation or {}).get('teacher') or plan.expected
-  if plan is not None and plan.scans:
-    return plan.expected
-  return model.facts.expected(subset_name(prediction.present)) if model.facts else None
+  if plan is None:
+    return facts_expected
+  evaluation = (model.facts.evaluation if model.facts else None) or {}
+  name = subset_name(prediction.present)
+  out = {}
+  for region, (network, scans) in plan.sources.items():
+    if network == 'teacher':
+      score = (evaluation.get('teacher') or {}).get(region)
+    elif scans == name:
+      score = (facts_expected or {}).get(region)
+    else:
+      score = (plan.expected or {}).get(region)
+    if score is None:
+      return None
+    out[region] = score
+  return out
 
 
 def case_record(prediction: Prediction, model, case_id, written, threshold=0.5):
@@ -133,6 +145,7 @@ def case_record(prediction: Prediction, model, case_id, written, threshold=0.5):
       'modalities_used': subset,
       'modalities_missing': [m for m, p in zip(MODALITIES, prediction.present) if not p],
       'network': {'name': plan.network if plan else 'student',
+                  'per_region': plan.networks if plan else None,
                   'scans_per_region': plan.scans if plan else None,
                   'reason': plan.reason if plan else 'every scan given'},
       'labels': {'convention': prediction.layout, 'source': prediction.label_source,

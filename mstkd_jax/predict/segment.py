@@ -15,7 +15,7 @@ from mstkd_jax import prediction_policy
 from mstkd_jax import subset_selection
 from mstkd_jax.data import pipeline
 from mstkd_jax.logging_utils import Progress
-from mstkd_jax.modalities import ALL_SUBSETS, MODALITIES, channel_index, parse_subset
+from mstkd_jax.modalities import MODALITIES, channel_index, parse_subset
 from mstkd_jax.predict import outputs
 from mstkd_jax.predict.cases import check_paths, paths_only, preprocess
 from mstkd_jax.predict.errors import PredictionError, write_error
@@ -24,17 +24,26 @@ from mstkd_jax.predict.labels import LabelChoice, probs_to_labels, resolve_label
 def network_probabilities(model: inference.Model, image, plan, overlap=None, blend=None,
                           tta=False):
   """(probabilities, TTA disagreement or None) of one preprocessed box under ``plan``
-  (``prediction_policy.Plan``): the teacher or the student on every scan given, or the
-  student once per sub-subset of scans the plan's regions need, composed per region."""
-  variables = model.network(plan.network)
-  if not plan.scans:
-    return inference.box_probabilities(model, image, overlap, blend, tta, variables)
-  chosen = {r: subset_selection.parse_candidate(c) for r, c in plan.scans.items()}
-  needed = sorted({n for c in chosen.values() for n in c},
-                  key=lambda n: ALL_SUBSETS.index(parse_subset(n)))
+  (``prediction_policy.Plan``): one network on every scan given, or, per region, the network
+  and scans the plan names (one pass per distinct network and subset; the outputs of several
+  subsets of one region averaged), composed nested ET within TC within WT."""
+  keys = []             # (network, subset name) of every pass
+  for net, scans in plan.sources.values():
+    for name in subset_selection.parse_candidate(scans):
+      if (net, name) not in keys:
+        keys.append((net, name))
+
+  def combine(outputs):
+    by_key = dict(zip(keys, outputs))
+    per_region = {r: np.mean([by_key[(net, n)] for n in subset_selection.parse_candidate(s)],
+                             axis=0) for r, (net, s) in plan.sources.items()}
+    if plan.single:
+      return per_region['WT']
+    return subset_selection.compose(per_region)
+
   return inference.box_probabilities(
-      model, image, overlap, blend, tta, variables, [parse_subset(n) for n in needed],
-      lambda probs: subset_selection.combine(chosen, dict(zip(needed, probs))))
+      model, image, overlap, blend, tta,
+      [(model.network(net), parse_subset(name)) for net, name in keys], combine)
 
 
 def predict_files(model: inference.Model, paths, labels='auto', threshold=0.5, overlap=None,
