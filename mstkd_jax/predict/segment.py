@@ -16,7 +16,7 @@ from mstkd_jax import subset_selection
 from mstkd_jax.data import pipeline
 from mstkd_jax.logging_utils import Progress
 from mstkd_jax.modalities import MODALITIES, channel_index, parse_subset
-from mstkd_jax.predict import outputs
+import mstkd_jax.predict.outputs as outputs
 from mstkd_jax.predict.cases import check_paths, paths_only, preprocess
 from mstkd_jax.predict.errors import PredictionError, write_error
 from mstkd_jax.predict.labels import LabelChoice, probs_to_labels, resolve_labels
