@@ -42,6 +42,7 @@ lock; then all try to take the lock afresh, and one wins. A claim older than ``S
 """
 
 import atexit
+import contextlib
 import datetime
 import errno
 import json
@@ -306,10 +307,15 @@ def _create(path, record):
   """Creates the lock file holding ``record``; False when it exists."""
   data = json.dumps(record, indent=1).encode()
   tmp = f'{path}.{record["token"]}.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError:                      # e.g. a full disk: leave nothing behind
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
   try:
     try:
       os.link(tmp, path)

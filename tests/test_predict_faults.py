@@ -188,7 +188,7 @@ def test_full_disk_in_folder_mode_one_line_and_continue(exported, tmp_path, caps
     assert predict.main(args) == 4
     err = capsys.readouterr().err
     assert 'No space left on device' in err and '--continue' in err
-    assert not [n for n in os.listdir(out) if n.startswith('.tmp')]
+    assert not [n for n in os.listdir(out) if n.startswith('.tmp') or n.endswith('.tmp')]
     os.remove(filler)
     assert predict.main(args + ['--continue']) == 0
     assert sorted(outputs.finished_cases(str(out))) == ['Brats18_A_1', 'Brats18_B_1']

@@ -1,6 +1,7 @@
 """One job per folder (mstkd_jax/workdir_lock.py, and the commands that take the lock): the
 second job fails at once naming the first; a lock whose holder is gone is taken over."""
 
+import errno
 import json
 import os
 import socket
@@ -206,6 +207,16 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
   with pytest.raises(workdir_lock.FolderNotWritable, match='cannot write into .*a_file/work'):
     workdir_lock.hold(str(blocker / 'work'), 'training').acquire()
 
+
+def test_a_full_disk_leaves_no_lock_and_no_temporary_file(tmp_path, monkeypatch):
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(os, 'fsync', full)
+  folder = tmp_path / 'work'
+  folder.mkdir()
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lock.hold(str(folder), 'prediction').acquire()
+  assert os.listdir(folder) == []
 
 @pytest.mark.slow
 def test_two_training_commands_started_together_one_trains(tmp_path):

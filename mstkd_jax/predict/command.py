@@ -96,12 +96,13 @@ from absl import flags, logging
 from mstkd_jax import cli
 from mstkd_jax import compile_cache
 from mstkd_jax import configs
+from mstkd_jax import disk
 from mstkd_jax import model_facts
 from mstkd_jax import workdir_lock
 from mstkd_jax.inference import load_model
 from mstkd_jax.modalities import LEGACY_KEYS, MODALITIES, MODALITY_KEYS, channel_index
 from mstkd_jax.predict.cases import case_id_from_files, check_paths, paths_only, scan_input_folder
-from mstkd_jax.predict.errors import OutputWriteError, PredictionError
+from mstkd_jax.predict.errors import OutputWriteError, PredictionError, write_error
 from mstkd_jax.predict.labels import LABEL_CHOICES, resolve_labels
 from mstkd_jax.predict.outputs import check_out
 from mstkd_jax.predict.segment import predict_files, predict_folder, write_case
@@ -247,7 +248,12 @@ def main(argv=None):
         check_paths(options)
       check_out(args.out, folder=bool(args.input_dir))
       if args.input_dir:         # one job per output folder
-        held.enter_context(workdir_lock.hold(args.out, 'prediction'))
+        try:
+          held.enter_context(workdir_lock.hold(args.out, 'prediction'))
+        except OSError as e:
+          if not disk.is_full(e):
+            raise
+          raise write_error(e, workdir_lock.lock_path(args.out)) from e
       scan = (scan_input_folder(args.input_dir, args.channels, args.dataset_json)
               if args.input_dir else None)
       config = load_config_file(args.config) if args.config else None
