@@ -2,8 +2,8 @@
 
   faces        main, run, predict (and its modules predict.*), visualize, convert_torch,
                data.prepare, evaluate_folder
-  train | eval train, step | evaluate, inference, metrics, scoring, lesionwise(_brats2025), report,
-               export, model_facts, subset_selection
+  train | eval train, step, programs | evaluate, inference, metrics, scoring,
+               lesionwise(_brats2025), report, export, model_facts, subset_selection
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
                (logging_utils, fileio, host_memory, cli)
@@ -19,7 +19,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
          'evaluate_folder'}
-TRAIN = {'train', 'step'}
+TRAIN = {'train', 'step', 'programs'}
 EVAL = {'evaluate', 'inference', 'metrics', 'scoring', 'lesionwise', 'lesionwise_brats2025',
         'report', 'export', 'model_facts', 'subset_selection'}
 SERVICES = {'models.build', 'checkpoint', 'parallel'}

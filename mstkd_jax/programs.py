@@ -1,0 +1,151 @@
+"""The two compiled programs of training, the initialisation and the step, obtained as fast as
+the caches allow.
+
+Each program is looked up first in ``executable_cache`` under a key made from the config, the
+mesh, the steps per epoch (and the batch for the step) with the package's source and the
+library versions: a warm start loads it without tracing or lowering. Otherwise it is traced,
+lowered and compiled (through the persistent compilation cache, ``compile_cache``) and kept
+there for the next start. The shapes of the train state, which would take a trace of both
+networks to know, are kept beside them (``abstract_state``). ``prefetch`` starts loading both
+programs in threads, so that the step loads while the state is initialised or restored.
+
+``train.train_loop`` uses these; ``train`` re-exports ``create_state``,
+``compile_train_step``, ``batch_struct`` and ``state_shardings``.
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from mstkd_jax import checkpoint as ckpt
+from mstkd_jax import compile_cache
+from mstkd_jax import executable_cache
+from mstkd_jax import parallel
+from mstkd_jax import step as step_lib
+from mstkd_jax.data import layouts
+from mstkd_jax.models import build
+
+
+def state_shardings(config, mesh, abstract_state):
+  """Replicated state, or split over the ``data`` axis with ``config.train.shard_state``."""
+  shard = bool(config.train.get('shard_state', False))
+  return parallel.state_shardings(abstract_state, mesh, shard=shard)
+
+
+def batch_struct(config, global_batch_size, mesh):
+  """The step's batch: image float32 [B, H, W, D, 4], one-hot label uint8 [B, H, W, D, C]."""
+  shape = build.input_shape(config, global_batch_size)
+  label_shape = shape[:-1] + (config.model.num_classes,)
+  sharding = parallel.batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+          'label': jax.ShapeDtypeStruct(label_shape, layouts.TRAIN_LABEL_DTYPE,
+                                        sharding=sharding)}
+
+
+def cache_keys(config, mesh, steps_per_epoch, global_batch_size=None):
+  """{'init', 'shapes', 'step'}: the executable-cache keys of this run's programs (None
+  where the cache is off; 'step' also None without a batch size)."""
+  devices = list(mesh.devices.flat)
+  fingerprint = {'config': json.loads(config.to_json_best_effort(sort_keys=True)),
+                 'mesh': [list(mesh.axis_names), list(mesh.devices.shape)],
+                 'steps_per_epoch': int(steps_per_epoch)}
+  step = None
+  if global_batch_size is not None:
+    step = executable_cache.key('train_step', dict(fingerprint, batch=int(global_batch_size)),
+                                devices)
+  return {'init': executable_cache.key('init', fingerprint, devices),
+          'shapes': executable_cache.key('state_shapes', fingerprint, devices), 'step': step}
+
+
+def prefetch(config, mesh, steps_per_epoch, global_batch_size, init=True):
+  """Starts loading the cached step (and, with ``init``, the initialisation program) in
+  threads; ``create_state`` and ``compile_train_step`` then wait for them."""
+  keys = cache_keys(config, mesh, steps_per_epoch, global_batch_size)
+  devices = list(mesh.devices.flat)
+  executable_cache.prefetch(keys['step'], devices)
+  if init:
+    executable_cache.prefetch(keys['init'], devices)
+
+
+def abstract_state(config, mesh, steps_per_epoch):
+  """``build.abstract_state`` (shapes and dtypes of the train state), kept in the executable
+  cache: a warm start reads it instead of tracing both networks."""
+  entry = cache_keys(config, mesh, steps_per_epoch)['shapes']
+  kept = executable_cache.load_value(entry)
+  if kept is not None:
+    treedef, leaves = kept
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+  abstract = build.abstract_state(config, steps_per_epoch)
+  leaves, treedef = jax.tree.flatten(abstract)
+  executable_cache.store_value(entry, (treedef, [(x.shape, str(x.dtype)) for x in leaves]))
+  return abstract
+
+
+def create_state(config, mesh, steps_per_epoch, shardings=None):
+  """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
+
+  One process: initialised by one program whose outputs already have ``shardings`` (no host
+  copy: the state of the full-size model is 3.5 GiB). Several processes: initialised on one
+  device of each, brought to the host and copied to the devices, so that every process
+  computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
+  jax.random's values do not depend on how an array is sharded, so both give the same state.
+  The program comes from the executable cache or the persistent compilation cache when an
+  earlier run compiled it (logged: compiled or loaded, and how long).
+  """
+  usual = state_shardings(config, mesh, abstract_state(config, mesh, steps_per_epoch))
+  shardings = usual if shardings is None else shardings
+  rng = jax.random.key(config.seed)
+  single = jax.process_count() == 1
+  entry = cache_keys(config, mesh, steps_per_epoch)['init']
+  if not single or repr(jax.tree.leaves(shardings)) != repr(jax.tree.leaves(usual)):
+    entry = None   # not the program the key describes
+  lower = lambda: jax.jit(build.init_function(config, steps_per_epoch),
+                          out_shardings=shardings if single else None).lower(rng)
+  with compile_cache.timed('the initialisation program'):
+    compiled = executable_cache.obtain(entry, list(mesh.devices.flat), lower,
+                                       compiler_options=build.INIT_COMPILER_OPTIONS)
+  if single:
+    return compiled(rng)
+  return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
+
+
+# Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
+# second train_loop in the same process (tests, notebooks) does not compile again.
+_COMPILED = {}
+
+
+def compile_train_step(config, mesh, steps_per_epoch, abstract, global_batch_size,
+                       shardings=None):
+  """The training step for these shapes and shardings: loaded from the executable cache, or
+  lowered and compiled ahead of time (and kept there).
+
+  The state is donated; the batch is sharded over ``data``; the key and the metrics are
+  replicated. Returns the compiled executable: call it as
+  ``compiled(state, batch, rng) -> (state, metrics)``.
+  """
+  if shardings is None:
+    shardings = state_shardings(config, mesh, abstract)
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+         int(steps_per_epoch), int(global_batch_size), repr(jax.tree.leaves(shardings)))
+  if key in _COMPILED:
+    return _COMPILED[key]
+  rep = parallel.replicated(mesh)
+
+  def lower():
+    fn = jax.jit(functools.partial(step_lib.train_step, config=config,
+                                   steps_per_epoch=steps_per_epoch),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh), rep),
+                 out_shardings=(shardings, rep), donate_argnums=(0,))
+    state_struct = ckpt.abstract_like(abstract, shardings)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    return fn.lower(state_struct, batch_struct(config, global_batch_size, mesh), rng)
+
+  entry = cache_keys(config, mesh, steps_per_epoch, global_batch_size)['step']
+  if repr(jax.tree.leaves(shardings)) != repr(jax.tree.leaves(
+      state_shardings(config, mesh, abstract))):
+    entry = None   # shardings of the caller's own: not what the key describes
+  compiled = executable_cache.obtain(entry, list(mesh.devices.flat), lower)
+  _COMPILED[key] = compiled
+  return compiled
