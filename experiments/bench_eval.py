@@ -21,8 +21,10 @@ small false positive far away) to show the host's share for those. JSON lines:
                 fetched, ``scoring.case_metrics`` on the host, serially and in threads)
   tumour_like   the host's scoring of tumour-like masks, both paths
   end_to_end    per repeat and path, interleaved (forwards, before, after, forwards, ...): the
-                seconds for all cases, cases per minute, and the ratio to ``forwards`` (the same
-                forward passes alone, on inputs already on the device)
+                seconds for all cases, the process's CPU seconds (``cpu_s``: all its threads;
+                less sensitive to other jobs than the wall time), cases per minute, and the
+                ratio to ``forwards`` (the same forward passes alone, on inputs already on
+                the device)
   summary       medians over the repeats; whether both paths gave the same rows
 
 Each line holds the 1-minute load average before and after (``load``): on a shared machine
@@ -312,11 +314,12 @@ def main(argv):
     emit({'record': 'tumour_like', **common, **score_tumour_like(case, pool),
           'load': [before_load, load()]})
   times = {'forwards': [], 'before': [], 'after': []}
+  cpu = {'forwards': [], 'before': [], 'after': []}
   rows = {}
   for repeat in range(FLAGS.repeats):
     for path in ('forwards', 'before', 'after'):
       before_load = load()
-      t0 = time.perf_counter()
+      t0, cpu0 = time.perf_counter(), time.process_time()
       if path == 'forwards':
         seconds = forwards_alone(config, cases, student, teacher)
       else:
@@ -325,8 +328,10 @@ def main(argv):
         rows[path] = fn(config, cases, student, teacher)
         seconds = time.perf_counter() - t0
       times[path].append(seconds)
+      cpu[path].append(time.process_time() - cpu0)
       emit({'record': 'end_to_end', 'path': path, 'repeat': repeat, **common,
-            'seconds': round(seconds, 2), 'cases_per_minute': round(60 * len(cases) / seconds, 3),
+            'seconds': round(seconds, 2), 'cpu_s': round(cpu[path][-1], 2),
+            'cases_per_minute': round(60 * len(cases) / seconds, 3),
             'ratio_to_forwards': round(seconds / times['forwards'][-1], 3),
             'load': [before_load, load()]})
   pool.shutdown()
@@ -336,6 +341,7 @@ def main(argv):
         **{f'{k}_cases_per_minute': round(60 * len(cases) / v, 3) for k, v in median.items()},
         'before_ratio_to_forwards': round(median['before'] / median['forwards'], 3),
         'after_ratio_to_forwards': round(median['after'] / median['forwards'], 3),
+        **{f'{k}_cpu_median_s': round(float(np.median(v)), 2) for k, v in cpu.items()},
         'same_rows': rows['before'] == rows['after'],
         'peak_rss_gib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
 

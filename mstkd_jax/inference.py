@@ -7,6 +7,8 @@ boxes.
 * ``Inference``: one ``jax.jit`` function ``probs = f(variables, images[B, H, W, D, 4])`` per
   network size, compiled once (``get_inference`` caches it); inputs go through it in batches
   of ``config.eval.batch_size``, the last batch zero-padded so the shape never changes;
+  ``run_masked`` runs one image under several modality masks, the masked copies made on the
+  devices and the outputs left there (the 15-subset evaluation scores them there);
 * sliding windows (``window_starts``) blended with Gaussian or uniform weights
   (``blend_weights``) over boxes larger than the model's input;
 * test-time mirroring (``box_probabilities(..., tta=True)``): the mean over the 8 mirrorings.

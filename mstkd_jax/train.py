@@ -332,17 +332,23 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     manager.close()
     return state
 
-  host_memory.trim()
-  logging.info('compiling the training step (teacher, student, every loss, discriminator; '
-               'about a minute on a CPU the first time, then loaded from the compilation cache)')
-  with compile_cache.timed('the training step', log=False) as tally:
-    compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
+  # Opened first (its TensorBoard import takes seconds) while the step may still be loading.
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
+  try:
+    host_memory.trim()
+    logging.info('the training step (teacher, student, every loss, discriminator): from the '
+                 'executable cache, else compiled (about a minute on a CPU the first time)')
+    with compile_cache.timed('the training step', log=False) as tally:
+      compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs,
+                                    shardings)
+  except BaseException:
+    writer.close()
+    raise
   host_memory.trim()
   logging.info('the training step (global batch %d on %d devices): %s; %s', global_bs,
                mesh.size, tally.text, describe_memory(compiled))
   rng = parallel.replicated_key(config.seed + 1, mesh)
 
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
   step = int(state.step)
   first_step = step
   last_saved = step if resuming else None
