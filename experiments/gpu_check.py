@@ -360,6 +360,8 @@ def case_eval(args, dtype):
   out['scoring_host_16_outputs_s'] = round(time.perf_counter() - t0, 3)
   del outputs, parts
   cases = [case] * EVAL_REPEAT_CASES
+  _progress('evaluate_cases once (its scoring programs compiled), then timed')
+  evaluate.evaluate_cases(config, cases[:1], variables, teacher=variables, progress=False)
   _progress(f'evaluate_cases on {len(cases)} copies of the case')
   t0 = time.perf_counter()
   rows = evaluate.evaluate_cases(config, cases, variables, teacher=variables, progress=False)
