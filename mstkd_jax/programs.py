@@ -6,8 +6,8 @@ mesh, the steps per epoch (and the batch for the step) with the package's source
 library versions: a warm start loads it without tracing or lowering. Otherwise it is traced,
 lowered and compiled (through the persistent compilation cache, ``compile_cache``) and kept
 there for the next start. The shapes of the train state, which would take a trace of both
-networks to know, are kept beside them (``abstract_state``). ``prefetch`` starts loading both
-programs in threads, so that the step loads while the state is initialised or restored.
+networks to know, are kept beside them (``abstract_state``). ``prefetch_step`` starts loading
+the step in a thread, so that it loads while the state is computed or restored.
 
 ``train.train_loop`` uses these; ``train`` re-exports ``create_state``,
 ``compile_train_step``, ``batch_struct`` and ``state_shardings``.
@@ -59,14 +59,12 @@ def cache_keys(config, mesh, steps_per_epoch, global_batch_size=None):
           'shapes': executable_cache.key('state_shapes', fingerprint, devices), 'step': step}
 
 
-def prefetch(config, mesh, steps_per_epoch, global_batch_size, init=True):
-  """Starts loading the cached step (and, with ``init``, the initialisation program) in
-  threads; ``create_state`` and ``compile_train_step`` then wait for them."""
-  keys = cache_keys(config, mesh, steps_per_epoch, global_batch_size)
-  devices = list(mesh.devices.flat)
-  executable_cache.prefetch(keys['step'], devices)
-  if init:
-    executable_cache.prefetch(keys['init'], devices)
+def prefetch_step(config, mesh, steps_per_epoch, global_batch_size):
+  """Starts loading the cached training step in a thread; ``compile_train_step`` then waits
+  for it. (One load at a time: two deserialisations side by side on a busy 2-core machine
+  took longer than one after the other.)"""
+  entry = cache_keys(config, mesh, steps_per_epoch, global_batch_size)['step']
+  executable_cache.prefetch(entry, list(mesh.devices.flat))
 
 
 def abstract_state(config, mesh, steps_per_epoch):
@@ -83,7 +81,7 @@ def abstract_state(config, mesh, steps_per_epoch):
   return abstract
 
 
-def create_state(config, mesh, steps_per_epoch, shardings=None):
+def create_state(config, mesh, steps_per_epoch, shardings=None, after_load=None):
   """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
 
   One process: initialised by one program whose outputs already have ``shardings`` (no host
@@ -92,7 +90,9 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
   jax.random's values do not depend on how an array is sharded, so both give the same state.
   The program comes from the executable cache or the persistent compilation cache when an
-  earlier run compiled it (logged: compiled or loaded, and how long).
+  earlier run compiled it (logged: compiled or loaded, and how long). ``after_load()``, when
+  given, is called once the program is there, before it runs (the training loop starts
+  loading its step then).
   """
   usual = state_shardings(config, mesh, abstract_state(config, mesh, steps_per_epoch))
   shardings = usual if shardings is None else shardings
@@ -106,6 +106,8 @@ def create_state(config, mesh, steps_per_epoch, shardings=None):
   with compile_cache.timed('the initialisation program'):
     compiled = executable_cache.obtain(entry, list(mesh.devices.flat), lower,
                                        compiler_options=build.INIT_COMPILER_OPTIONS)
+  if after_load is not None:
+    after_load()
   if single:
     return compiled(rng)
   return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)

@@ -13,6 +13,7 @@ step, the offending terms and the last good checkpoint) or, with ``train.nan_pol
 skips that update. Checkpoints are atomic, so a kill -9 leaves the previous one usable.
 """
 
+import functools
 import json
 import math
 import os
@@ -33,7 +34,8 @@ from mstkd_jax import programs
 from mstkd_jax.data import layouts
 from mstkd_jax.models import build
 from mstkd_jax.fileio import write_text_atomic
-from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
+from mstkd_jax.logging_utils import (MetricWriter, describe_memory, drop_records_after,
+                                     preload_tensorboard)
 # The programs of a run (programs.py), under the names tests and experiments use.
 from mstkd_jax.programs import (batch_struct, compile_train_step, create_state,  # noqa: F401
                                 state_shardings)
@@ -293,9 +295,13 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   if parallel.is_main_process():
     write_text_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
+  load_step = functools.partial(programs.prefetch_step, config, mesh, steps_per_epoch,
+                                global_bs)
   if not resuming or manager.latest_step() < total_steps:
-    # The cached step (and initialisation) load in threads while the state is made or read.
-    programs.prefetch(config, mesh, steps_per_epoch, global_bs, init=not resuming)
+    if resuming:
+      load_step()   # the cached step loads in a thread while the checkpoint is read
+    if parallel.is_main_process():
+      preload_tensorboard()   # seconds of imports, in a thread while the programs load
   abstract = programs.abstract_state(config, mesh, steps_per_epoch)
   shardings = state_shardings(config, mesh, abstract)
   best_dice = -math.inf
@@ -317,7 +323,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   else:
     logging.info('building the networks and initialising the train state')
     t0 = time.time()
-    state = create_state(config, mesh, steps_per_epoch, shardings)
+    # The cached step loads in a thread once the initialisation is loaded, while it runs.
+    state = create_state(config, mesh, steps_per_epoch, shardings, after_load=load_step)
     if optim.teacher_is_frozen(config):
       state = with_frozen_teacher(config, state, shardings)
     logging.info('fresh start in %.1f s: teacher %d, student %d, discriminator %d parameters',
@@ -332,23 +339,17 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     manager.close()
     return state
 
-  # Opened first (its TensorBoard import takes seconds) while the step may still be loading.
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
-  try:
-    host_memory.trim()
-    logging.info('the training step (teacher, student, every loss, discriminator): from the '
-                 'executable cache, else compiled (about a minute on a CPU the first time)')
-    with compile_cache.timed('the training step', log=False) as tally:
-      compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs,
-                                    shardings)
-  except BaseException:
-    writer.close()
-    raise
+  host_memory.trim()
+  logging.info('the training step (teacher, student, every loss, discriminator): from the '
+               'executable cache, else compiled (about a minute on a CPU the first time)')
+  with compile_cache.timed('the training step', log=False) as tally:
+    compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
   host_memory.trim()
   logging.info('the training step (global batch %d on %d devices): %s; %s', global_bs,
                mesh.size, tally.text, describe_memory(compiled))
   rng = parallel.replicated_key(config.seed + 1, mesh)
 
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
   step = int(state.step)
   first_step = step
   last_saved = step if resuming else None

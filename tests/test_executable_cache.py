@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _program():
-  fn = jax.jit(lambda x, y: {'sum': jnp.sin(x) @ y, 'max': jnp.max(x)})
+  """A small program of its own (a constant unique to this call: the compilation cache never
+  has it, and only programs compiled here are kept)."""
+  salt = float(time.time_ns() % 1000003) / 1000003
+  fn = jax.jit(lambda x, y: {'sum': jnp.sin(x) @ y + salt, 'max': jnp.max(x)})
   x = jnp.arange(12.0).reshape(3, 4) / 7
   y = jnp.ones((4, 2))
   return (lambda: fn.lower(x, y)), (x, y)
