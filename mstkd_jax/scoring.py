@@ -39,8 +39,10 @@ from scipy import ndimage
 from mstkd_jax import metrics
 
 REGIONS = metrics.REGIONS
-# Voxels added around the reference's box for the output -> reference distances.
+# Voxels added around the reference's box for the output -> reference distances, and the
+# largest share of the joint box such a box may have to be worth trying.
 MARGIN = 8
+NEAR_FRACTION = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ def _to_output(output, index, region, truth_points, truth_box, spacing):
   lies more than m voxels away along some axis, so the distances found are exact when all are
   below (m + 1) x the smallest voxel size; otherwise their largest, an upper bound of every
   true distance, gives the margin that makes the second box exact. Boxes never exceed the
-  joint box of the two masks grown by one voxel (``metrics.surface_distances``' box)."""
+  joint box of the two masks grown by one voxel (``metrics.surface_distances``' box), which
+  is used directly when a smaller box would hold more than ``NEAR_FRACTION`` of it."""
   surface = output.surface(index, region)
   shape = surface.shape
   joint = _slices([truth_box, output.box(index, region)], 1, shape)
@@ -201,13 +204,18 @@ def _to_output(output, index, region, truth_points, truth_box, spacing):
   for _ in range(2):
     near = tuple(slice(max(n.start, j.start), min(n.stop, j.stop))
                  for n, j in zip(_slices([truth_box], margin, shape), joint))
-    if near == joint or not surface[near].any():
+    # A box not much smaller than the joint one saves less than a second try would cost.
+    if _volume(near) > NEAR_FRACTION * _volume(joint) or not surface[near].any():
       break
     d = _distances(_nearest(surface[near], spacing), _local(truth_points, near), spacing)
     if d.max() < (margin + 1) * min(spacing):
       return d
     margin = int(np.ceil(d.max() / min(spacing)))
   return _distances(_nearest(surface[joint], spacing), _local(truth_points, joint), spacing)
+
+
+def _volume(box):
+  return int(np.prod([s.stop - s.start for s in box]))
 
 
 def _percentile(forward, backward, mode):
