@@ -287,6 +287,8 @@ def main(argv=None):
   p.add_argument('--root', default=ROOT,
                  help='measure the commands of this checkout (e.g. an earlier commit, '
                       'extracted with git archive) instead of this one')
+  p.add_argument('--label', help="a name for the measured checkout in the JSON lines "
+                 "('checkout'; default its path)")
   p.add_argument('--keep', help='work in this folder and keep it (logs, workdirs, caches)')
   p.add_argument('--phases', default='cold,warm',
                  help="'cold,warm' (default), or 'warm' alone: again with the cache a run with "
@@ -304,7 +306,8 @@ def main(argv=None):
     p.error(f'unknown scenarios: {", ".join(unknown)}')
   base = args.keep or tempfile.mkdtemp(prefix='bench_startup_')
   os.makedirs(base, exist_ok=True)
-  common = {'cpus': os.cpu_count(), 'host': os.uname().nodename, 'checkout': CHECKOUT[0]}
+  common = {'cpus': os.cpu_count(), 'host': os.uname().nodename,
+            'checkout': args.label or CHECKOUT[0]}
   try:
     export = case = None
     for name in chosen:
