@@ -49,6 +49,7 @@ _CACHE_HIT = '/jax/compilation_cache/cache_hits'
 
 _state = {'enabled': None, 'directory': None}
 _lock = threading.Lock()
+_last_read = threading.local()
 
 
 def cache_root():
@@ -138,7 +139,12 @@ def _atomic_cache_class():
 
   class AtomicLRUCache(base):
     """JAX's cache with writes that are all-or-nothing (without a size limit; with one, JAX's
-    own locked write is kept)."""
+    own locked write is kept), remembering the last entry each thread read."""
+
+    def get(self, key):
+      value = super().get(key)
+      _last_read.value = value
+      return value
 
     def put(self, key, value):
       folder = str(self.path)
@@ -149,6 +155,14 @@ def _atomic_cache_class():
       write_atomic(os.path.join(folder, f'{key}{suffix}'), value)
 
   return AtomicLRUCache
+
+
+def take_last_read():
+  """The raw bytes of the entry this thread last read from the cache (JAX's format), or None;
+  forgotten once taken. ``executable_cache`` keeps a program the cache supplied from them."""
+  value = getattr(_last_read, 'value', None)
+  _last_read.value = None
+  return value
 
 
 def write_atomic(path, value):

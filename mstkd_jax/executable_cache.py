@@ -15,9 +15,10 @@ can look it up. This cache keys an executable by what produces it:
 A change to any of them gives another key. Entries are files in ``executables/`` inside the
 folder of the compilation cache (none when that cache is off or JAX's default folder is not
 ours; one process only: multi-process jobs use the compilation cache alone), written
-atomically; the ``MAX_ENTRIES`` most recently used are kept. Only programs compiled in this
-process are stored (see ``obtain``). An entry that cannot be read or loaded (truncated,
-corrupted, from another library build) is logged, deleted, and the program is compiled again. Besides executables an entry can hold a small value (``store_value``): the
+atomically; the ``MAX_ENTRIES`` most recently used are kept. A program that the compilation
+cache supplied is kept from that cache's own bytes (see ``obtain``). An entry that cannot be
+read or loaded (truncated, corrupted, from another library build) is logged, deleted, and the
+program is compiled again. Besides executables an entry can hold a small value (``store_value``): the
 shapes of the train state, which would otherwise take a trace to know.
 
 ``prefetch(key)`` starts loading an entry in a thread (XLA deserialises it without holding
@@ -26,6 +27,7 @@ Python's lock): the training step loads while the state is initialised or restor
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -194,18 +196,52 @@ def load(entry_key, devices):
   return future.result() if future is not None else _load_now(entry_key, devices)
 
 
-def store(entry_key, compiled):
+def _serialize(compiled, executable_bytes=None):
+  """(bytes, in_tree, out_tree) of ``jax.experimental.serialize_executable.serialize``, with
+  ``executable_bytes`` (XLA's serialised executable) in place of the program's own when
+  given."""
+  from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+  if executable_bytes is None:
+    return serialize_executable.serialize(compiled)
+  from jax._src.lib import xla_client  # pylint: disable=import-outside-toplevel
+
+  class Pickler(serialize_executable._JaxPjrtPickler):  # pylint: disable=protected-access
+    def persistent_id(self, obj):
+      if isinstance(obj, xla_client.LoadedExecutable):
+        return ('exec', executable_bytes)
+      return super().persistent_id(obj)
+
+  if compiled._params.const_args:  # pylint: disable=protected-access
+    raise ValueError('a program with constant arguments')
+  args_info, in_tree = jax.tree_util.tree_flatten(compiled.args_info)
+  with io.BytesIO() as f:
+    Pickler(f).dump((compiled._executable._unloaded_executable, args_info,  # pylint: disable=protected-access
+                     compiled._no_kwargs))  # pylint: disable=protected-access
+    return f.getvalue(), in_tree, compiled.out_tree
+
+
+def _cached_executable(raw):
+  """XLA's serialised executable inside a compilation-cache entry (compressed, its compile
+  time in front: jax._src.compilation_cache's format)."""
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+  executable, _ = compilation_cache.extract_executable_and_time(
+      compilation_cache.decompress_executable(raw))
+  return executable
+
+
+def store(entry_key, compiled, cache_entry=None):
   """Writes ``compiled`` under ``entry_key`` (nothing when the key is None or the program
-  cannot be serialised)."""
+  cannot be serialised). ``cache_entry``: the compilation-cache entry it was loaded from,
+  whose bytes are kept instead of the program's own (see ``obtain``)."""
   if entry_key is None:
     return
-  from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
   try:
-    executable, in_tree, out_tree = serialize_executable.serialize(compiled)
-  except (ValueError, NotImplementedError, TypeError) as e:
-    logging.info('executable cache: %s not kept (%s)', entry_key, e)
+    executable = None if cache_entry is None else _cached_executable(cache_entry)
+    data, in_tree, out_tree = _serialize(compiled, executable)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info('executable cache: %s not kept (%s: %s)', entry_key, type(e).__name__, e)
     return
-  _write(entry_key, {'executable': executable, 'in_tree': in_tree, 'out_tree': out_tree})
+  _write(entry_key, {'executable': data, 'in_tree': in_tree, 'out_tree': out_tree})
 
 
 def load_value(entry_key):
@@ -224,22 +260,26 @@ def store_value(entry_key, value):
 
 def obtain(entry_key, devices, lower, compiler_options=None):
   """The executable of ``entry_key`` from this cache, else ``lower().compile(...)`` (through
-  the compilation cache), stored here when it was compiled. Inside ``compile_cache.timed``
-  blocks a load is reported as 'loaded from the executable cache'.
+  the compilation cache) and stored here. Inside ``compile_cache.timed`` blocks a load is
+  reported as 'loaded from the executable cache'.
 
-  A program that the compilation cache supplied is not stored: with jax 0.10 an executable
-  loaded from that cache serialises without its kernels (running the copy fails with
-  'Function ... not found'), so only a compilation in this process fills this cache."""
+  A program the compilation cache supplied is stored from that cache's bytes: with jax 0.10
+  an executable loaded from there serialises again without its kernels (running the copy
+  fails with 'Function ... not found')."""
   t0 = time.perf_counter()
   compiled = load(entry_key, devices)
   if compiled is not None:
     compile_cache.note_restored(time.perf_counter() - t0)
     return compiled
+  compile_cache.take_last_read()
   with compile_cache.timed('', log=False) as tally:
     compiled = lower().compile(compiler_options)
+  entry = compile_cache.take_last_read()
   if not tally.loaded:
     store(entry_key, compiled)
+  elif entry is not None:
+    store(entry_key, compiled, cache_entry=entry)
   elif entry_key is not None:
-    logging.info('executable cache: %s not kept (it came from the compilation cache; it is '
-                 'kept when it is next compiled)', entry_key.split('-')[0])
+    logging.info('executable cache: %s not kept (loaded from a compilation cache it cannot '
+                 'read)', entry_key.split('-')[0])
   return compiled

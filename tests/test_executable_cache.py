@@ -4,6 +4,7 @@ removed and the program compiled again."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +153,16 @@ def test_a_warm_training_start_loads_both_programs_and_steps_identically(tmp_pat
   numbers = lambda r: {k: v for k, v in r.items() if k not in ('time', 'steps_per_s',
                                                                 'volumes_per_s', 'eta_s')}
   assert numbers(warm) == numbers(cold)
+  # A compilation cache that has the programs and an executable cache that has not (a machine
+  # that trained before this cache existed): the programs are kept from the former's bytes.
+  shutil.rmtree(folder)
+  log, again = _train(str(tmp_path / 'again'), cache)
+  assert 'the initialisation program: loaded from the compilation cache' in log
+  assert {n.split('-')[0] for n in _entries(folder)} == {'init', 'state_shapes', 'train_step'}
+  log, last = _train(str(tmp_path / 'last'), cache)
+  assert 'the initialisation program: loaded from the executable cache' in log
+  assert 'devices): loaded from the executable cache' in log
+  assert numbers(again) == numbers(last) == numbers(cold)
 
 
 def test_the_state_shapes_are_kept(cache_dir, tiny_config):
