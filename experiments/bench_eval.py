@@ -31,6 +31,7 @@ Each line holds the 1-minute load average before and after (``load``): on a shar
 every time stretches.
 """
 
+# pylint: disable=protected-access  (the benchmark times Inference's compiled parts alone)
 import concurrent.futures
 import functools
 import json
@@ -173,8 +174,8 @@ def forwards_alone(config, cases, student, teacher):
         batch = np.zeros((inference.batch_size,) + copies.shape[1:], np.float32)
         rows = copies[start:start + inference.batch_size]
         batch[:len(rows)] = rows
-        batch = jax.block_until_ready(jax.device_put(batch, inference._batch_sharding))  # pylint: disable=protected-access
-        seconds += timed(lambda b=batch, v=variables: inference._fn(v, b))[0]  # pylint: disable=protected-access
+        batch = jax.block_until_ready(jax.device_put(batch, inference._batch_sharding))
+        seconds += timed(lambda b=batch, v=variables: inference._fn(v, b))[0]
   return seconds
 
 
@@ -194,9 +195,9 @@ def parts_before(config, case, student, teacher):
       batch = np.zeros((inference.batch_size,) + copies.shape[1:], np.float32)
       batch[:len(copies[start:start + inference.batch_size])] = \
           copies[start:start + inference.batch_size]
-      t, on_device = timed(lambda b=batch: jax.device_put(b, inference._batch_sharding))  # pylint: disable=protected-access
+      t, on_device = timed(lambda b=batch: jax.device_put(b, inference._batch_sharding))
       out['to_device_s'] += t
-      t, result = timed(lambda v=variables, b=on_device: inference._fn(v, b))  # pylint: disable=protected-access
+      t, result = timed(lambda v=variables, b=on_device: inference._fn(v, b))
       out['forward_s'] += t
       t, host = timed(lambda r=result: np.asarray(r))
       out['to_host_s'] += t
@@ -228,9 +229,9 @@ def parts_after(config, case, student, teacher, pool):
       padded = np.zeros((inference.batch_size, 4), np.float32)
       padded[:len(masks[start:start + inference.batch_size])] = \
           masks[start:start + inference.batch_size]
-      t, batch = timed(lambda p=padded: inference._masked(image, p))  # pylint: disable=protected-access
+      t, batch = timed(lambda p=padded: inference._masked(image, p))
       out['device_masked_copies_s'] += t
-      t, probs = timed(lambda v=variables, b=batch: inference._fn(v, b))  # pylint: disable=protected-access
+      t, probs = timed(lambda v=variables, b=batch: inference._fn(v, b))
       out['forward_s'] += t
       t, summary = timed(lambda p=probs: scoring.summarize_on_device(p, truth))
       out['device_scoring_s'] += t

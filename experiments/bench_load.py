@@ -47,7 +47,8 @@ def main(argv):
   del argv
   os.environ['MSTKD_CACHE_DIR'] = FLAGS.cache
   import jax  # pylint: disable=import-outside-toplevel
-  from mstkd_jax import compile_cache, executable_cache, parallel, programs  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (after MSTKD_CACHE_DIR is set)
+  from mstkd_jax import compile_cache, executable_cache, parallel, programs
   compile_cache.enable()
   config = FLAGS.config
   mesh = parallel.make_mesh(jax.devices()[:1])

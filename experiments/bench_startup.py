@@ -23,10 +23,11 @@ cases, split, preprocessing cache: ``data_s``), the initialisation and the train
 (``init``/``step``: compiled or loaded, from the command's own log lines); ``phases`` has
 every stretch between those lines (imports and flags, set-up, data, the state's shapes, the
 state, the step program, the first step). ``--root DIR`` measures the commands of another
-checkout (an earlier commit extracted with ``git archive``: the "before" of a change). Every line holds
-the load average before and after the run (``load_before`` / ``load_after``, 1/5/15 min): on a
-busy machine all times stretch. ``JAX_LOG_COMPILES=1`` is set in the runs, so ``compiles``
-counts every program obtained (compiled or loaded) and ``compile_s_total`` their seconds.
+checkout (an earlier commit extracted with ``git archive``: the "before" of a change).
+Every line holds the load average before and after the run (``load_before`` /
+``load_after``, 1/5/15 min): on a busy machine all times stretch. ``JAX_LOG_COMPILES=1`` is
+set in the runs, so ``compiles`` counts every program obtained (compiled or loaded) and
+``compile_s_total`` their seconds.
 """
 
 import argparse

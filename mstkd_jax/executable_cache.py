@@ -18,8 +18,9 @@ ours; one process only: multi-process jobs use the compilation cache alone), wri
 atomically; the ``MAX_ENTRIES`` most recently used are kept. A program that the compilation
 cache supplied is kept from that cache's own bytes (see ``obtain``). An entry that cannot be
 read or loaded (truncated, corrupted, from another library build) is logged, deleted, and the
-program is compiled again. Besides executables an entry can hold a small value (``store_value``): the
-shapes of the train state, which would otherwise take a trace to know.
+program is compiled again. Besides executables an entry can hold a picklable value
+(``store_value``): the shapes of the train state, which would otherwise take a trace to know,
+and a small initial state.
 
 ``prefetch(key)`` starts loading an entry in a thread (XLA deserialises it without holding
 Python's lock): the training step loads while the state is initialised or restored.
@@ -43,7 +44,7 @@ from mstkd_jax import compile_cache
 from mstkd_jax import fileio
 
 FORMAT = 1
-MAX_ENTRIES = 8
+MAX_ENTRIES = 16
 FOLDER = 'executables'
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
@@ -211,12 +212,13 @@ def _serialize(compiled, executable_bytes=None):
         return ('exec', executable_bytes)
       return super().persistent_id(obj)
 
-  if compiled._params.const_args:  # pylint: disable=protected-access
+  # pylint: disable=protected-access  (what serialize_executable.serialize pickles)
+  if compiled._params.const_args:
     raise ValueError('a program with constant arguments')
   args_info, in_tree = jax.tree_util.tree_flatten(compiled.args_info)
+  unloaded = compiled._executable._unloaded_executable
   with io.BytesIO() as f:
-    Pickler(f).dump((compiled._executable._unloaded_executable, args_info,  # pylint: disable=protected-access
-                     compiled._no_kwargs))  # pylint: disable=protected-access
+    Pickler(f).dump((unloaded, args_info, compiled._no_kwargs))
     return f.getvalue(), in_tree, compiled.out_tree
 
 
@@ -242,6 +244,11 @@ def store(entry_key, compiled, cache_entry=None):
     logging.info('executable cache: %s not kept (%s: %s)', entry_key, type(e).__name__, e)
     return
   _write(entry_key, {'executable': data, 'in_tree': in_tree, 'out_tree': out_tree})
+
+
+def has(entry_key):
+  """Whether an entry exists under ``entry_key`` (False when the key is None)."""
+  return entry_key is not None and os.path.exists(_path(entry_key))
 
 
 def load_value(entry_key):

@@ -6,8 +6,10 @@ mesh, the steps per epoch (and the batch for the step) with the package's source
 library versions: a warm start loads it without tracing or lowering. Otherwise it is traced,
 lowered and compiled (through the persistent compilation cache, ``compile_cache``) and kept
 there for the next start. The shapes of the train state, which would take a trace of both
-networks to know, are kept beside them (``abstract_state``). ``prefetch_step`` starts loading
-the step in a thread, so that it loads while the state is computed or restored.
+networks to know, are kept beside them (``abstract_state``), and so is an initial state of at
+most ``STATE_LIMIT_BYTES`` (the CPU configs'), which a warm fresh start reads instead of
+loading and running the initialisation program. ``prefetch_step`` starts loading the step in a
+thread, so that it loads while the state is computed, read or restored.
 
 ``train.train_loop`` uses these; ``train`` re-exports ``create_state``,
 ``compile_train_step``, ``batch_struct`` and ``state_shardings``.
@@ -18,6 +20,8 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
 from mstkd_jax import compile_cache
@@ -26,6 +30,11 @@ from mstkd_jax import parallel
 from mstkd_jax import step as step_lib
 from mstkd_jax.data import layouts
 from mstkd_jax.models import build
+
+# Initial states up to this size are kept in the executable cache too (:tiny's is 17 MB, the
+# full-size model's 3.5 GiB is not): a warm fresh start reads them instead of loading and
+# running the initialisation program.
+STATE_LIMIT_BYTES = 64 * 2**20
 
 
 def state_shardings(config, mesh, abstract_state):
@@ -45,8 +54,9 @@ def batch_struct(config, global_batch_size, mesh):
 
 
 def cache_keys(config, mesh, steps_per_epoch, global_batch_size=None):
-  """{'init', 'shapes', 'step'}: the executable-cache keys of this run's programs (None
-  where the cache is off; 'step' also None without a batch size)."""
+  """{'init', 'shapes', 'state', 'step'}: the executable-cache keys of this run's programs,
+  the state's shapes and its initial values (None where the cache is off; 'step' also None
+  without a batch size)."""
   devices = list(mesh.devices.flat)
   fingerprint = {'config': json.loads(config.to_json_best_effort(sort_keys=True)),
                  'mesh': [list(mesh.axis_names), list(mesh.devices.shape)],
@@ -56,7 +66,13 @@ def cache_keys(config, mesh, steps_per_epoch, global_batch_size=None):
     step = executable_cache.key('train_step', dict(fingerprint, batch=int(global_batch_size)),
                                 devices)
   return {'init': executable_cache.key('init', fingerprint, devices),
-          'shapes': executable_cache.key('state_shapes', fingerprint, devices), 'step': step}
+          'shapes': executable_cache.key('state_shapes', fingerprint, devices),
+          'state': executable_cache.key('initial_state', fingerprint, devices), 'step': step}
+
+
+def has_initial_state(config, mesh, steps_per_epoch):
+  """Whether the executable cache holds this run's initial state (see ``create_state``)."""
+  return executable_cache.has(cache_keys(config, mesh, steps_per_epoch)['state'])
 
 
 def prefetch_step(config, mesh, steps_per_epoch, global_batch_size):
@@ -90,27 +106,57 @@ def create_state(config, mesh, steps_per_epoch, shardings=None, after_load=None)
   computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
   jax.random's values do not depend on how an array is sharded, so both give the same state.
   The program comes from the executable cache or the persistent compilation cache when an
-  earlier run compiled it (logged: compiled or loaded, and how long). ``after_load()``, when
-  given, is called once the program is there, before it runs (the training loop starts
-  loading its step then).
+  earlier run compiled it (logged: compiled or loaded, and how long); a small state it made
+  before is read from the executable cache instead (the same values). ``after_load()``, when
+  given, is called once the program or the state is there (the training loop starts loading
+  its step then).
   """
   usual = state_shardings(config, mesh, abstract_state(config, mesh, steps_per_epoch))
   shardings = usual if shardings is None else shardings
   rng = jax.random.key(config.seed)
   single = jax.process_count() == 1
-  entry = cache_keys(config, mesh, steps_per_epoch)['init']
+  keys = cache_keys(config, mesh, steps_per_epoch)
   if not single or repr(jax.tree.leaves(shardings)) != repr(jax.tree.leaves(usual)):
-    entry = None   # not the program the key describes
+    keys = {}   # not the program the keys describe
+  with compile_cache.timed('the initialisation program', log=False) as tally:
+    state = _kept_state(keys.get('state'), shardings)
+  if state is not None:
+    logging.info('the initialisation program: not run (the initial state read from the '
+                 'executable cache in %.2f s)', tally.wall_s)
+    if after_load is not None:
+      after_load()
+    return state
   lower = lambda: jax.jit(build.init_function(config, steps_per_epoch),
                           out_shardings=shardings if single else None).lower(rng)
   with compile_cache.timed('the initialisation program'):
-    compiled = executable_cache.obtain(entry, list(mesh.devices.flat), lower,
+    compiled = executable_cache.obtain(keys.get('init'), list(mesh.devices.flat), lower,
                                        compiler_options=build.INIT_COMPILER_OPTIONS)
   if after_load is not None:
     after_load()
-  if single:
-    return compiled(rng)
-  return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
+  if not single:
+    return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
+  state = compiled(rng)
+  _keep_state(keys.get('state'), state)
+  return state
+
+
+def _kept_state(entry, shardings):
+  """The initial state kept under ``entry``, placed with ``shardings``; None if none."""
+  kept = executable_cache.load_value(entry)
+  if kept is None:
+    return None
+  treedef, leaves = kept
+  return jax.tree.unflatten(treedef, [jax.device_put(x, s) for x, s in
+                                      zip(leaves, jax.tree.leaves(shardings))])
+
+
+def _keep_state(entry, state):
+  """Keeps an initial state of at most ``STATE_LIMIT_BYTES`` (the CPU configs') under
+  ``entry``: the same values, read instead of loading and running the program next time."""
+  leaves, treedef = jax.tree.flatten(state)
+  if entry is None or sum(x.nbytes for x in leaves) > STATE_LIMIT_BYTES:
+    return
+  executable_cache.store_value(entry, (treedef, [np.asarray(x) for x in jax.device_get(leaves)]))
 
 
 # Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a

@@ -298,8 +298,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   load_step = functools.partial(programs.prefetch_step, config, mesh, steps_per_epoch,
                                 global_bs)
   if not resuming or manager.latest_step() < total_steps:
-    if resuming:
-      load_step()   # the cached step loads in a thread while the checkpoint is read
+    if resuming or programs.has_initial_state(config, mesh, steps_per_epoch):
+      load_step()   # the cached step loads in a thread while the state is read
     if parallel.is_main_process():
       preload_tensorboard()   # seconds of imports, in a thread while the programs load
   abstract = programs.abstract_state(config, mesh, steps_per_epoch)
@@ -323,7 +323,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   else:
     logging.info('building the networks and initialising the train state')
     t0 = time.time()
-    # The cached step loads in a thread once the initialisation is loaded, while it runs.
+    # Otherwise the cached step loads in a thread once the initialisation is loaded, while
+    # it runs.
     state = create_state(config, mesh, steps_per_epoch, shardings, after_load=load_step)
     if optim.teacher_is_frozen(config):
       state = with_frozen_teacher(config, state, shardings)

@@ -139,15 +139,18 @@ def _train(workdir, cache_root):
 
 @pytest.mark.slow
 def test_a_warm_training_start_loads_both_programs_and_steps_identically(tmp_path):
-  """Two fresh runs of :tiny: the first compiles and keeps the initialisation and the step,
-  the second loads them (no tracing) and its first step's numbers equal the first run's."""
+  """Fresh runs of :tiny: the first compiles and keeps the initialisation, the step and the
+  initial state, the second reads them (no tracing) and its first step's numbers equal the
+  first run's; so do runs that fill the cache from the compilation cache and load the
+  initialisation program from it."""
   cache = str(tmp_path / 'cache')
   cold_log, cold = _train(str(tmp_path / 'cold'), cache)
   assert 'the initialisation program: compiled' in cold_log
   folder = os.path.join(cache, 'xla', compile_cache.machine_tag(), executable_cache.FOLDER)
-  assert {n.split('-')[0] for n in _entries(folder)} == {'init', 'state_shapes', 'train_step'}
+  kinds = {'init', 'state_shapes', 'initial_state', 'train_step'}
+  assert {n.split('-')[0] for n in _entries(folder)} == kinds
   warm_log, warm = _train(str(tmp_path / 'warm'), cache)
-  assert 'the initialisation program: loaded from the executable cache' in warm_log
+  assert 'the initialisation program: not run (the initial state read from the' in warm_log
   assert 'devices): loaded from the executable cache' in warm_log
   assert 'with tracing and lowering' not in warm_log.split('devices): loaded')[1].split('\n')[0]
   numbers = lambda r: {k: v for k, v in r.items() if k not in ('time', 'steps_per_s',
@@ -158,7 +161,9 @@ def test_a_warm_training_start_loads_both_programs_and_steps_identically(tmp_pat
   shutil.rmtree(folder)
   log, again = _train(str(tmp_path / 'again'), cache)
   assert 'the initialisation program: loaded from the compilation cache' in log
-  assert {n.split('-')[0] for n in _entries(folder)} == {'init', 'state_shapes', 'train_step'}
+  assert {n.split('-')[0] for n in _entries(folder)} == kinds
+  os.remove(os.path.join(folder, next(n for n in _entries(folder)
+                                      if n.startswith('initial_state'))))
   log, last = _train(str(tmp_path / 'last'), cache)
   assert 'the initialisation program: loaded from the executable cache' in log
   assert 'devices): loaded from the executable cache' in log
@@ -171,3 +176,26 @@ def test_the_state_shapes_are_kept(cache_dir, tiny_config):
   assert any(n.startswith('state_shapes') for n in _entries(cache_dir))
   assert programs.abstract_state(tiny_config, mesh, 5) == first == build.abstract_state(
       tiny_config, 5)
+
+
+def test_a_small_initial_state_is_kept_and_read_back_bit_for_bit(cache_dir, tiny_config,
+                                                                    monkeypatch):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  first = programs.create_state(tiny_config, mesh, 3)
+  assert any(n.startswith('initial_state') for n in _entries(cache_dir))
+
+  def no_program(*args, **kwargs):
+    raise AssertionError('the initialisation program was built although its state is kept')
+  monkeypatch.setattr(build, 'init_function', no_program)
+  loaded = []
+  second = programs.create_state(tiny_config, mesh, 3, after_load=lambda: loaded.append(1))
+  assert loaded == [1]
+  assert jax.tree.structure(first) == jax.tree.structure(second)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
+  monkeypatch.undo()
+  monkeypatch.setattr(executable_cache, 'folder', lambda: cache_dir)
+  monkeypatch.setattr(programs, 'STATE_LIMIT_BYTES', 1)
+  programs.create_state(tiny_config, mesh, 4)    # too large to keep
+  assert not programs.has_initial_state(tiny_config, mesh, 4)
