@@ -4,6 +4,7 @@ r"""Start-up time of the commands, cold (empty compilation cache) and warm, each
   python experiments/bench_startup.py --scenarios tiny,demo --out startup.jsonl
   python experiments/bench_startup.py --scenarios predict --keep /tmp/startup   # keep the files
   python experiments/bench_startup.py --scenarios demo --keep /tmp/startup --phases warm  # again
+  python experiments/bench_startup.py --scenarios tiny --root /tmp/before   # another checkout
 
 Scenarios (each runs twice with one fresh compilation cache, ``$MSTKD_CACHE_DIR`` pointed at a
 temporary folder: first ``cold``, then ``warm``; every run is a new process with a new workdir):
@@ -19,10 +20,14 @@ temporary folder: first ``cold``, then ``warm``; every run is a new process with
 The training scenarios stop the process once the first step is logged (``metrics.jsonl``)
 and split the time to it by the log's timestamps into imports and set-up, data (synthetic
 cases, split, preprocessing cache: ``data_s``), the initialisation and the training step
-(``init``/``step``: compiled or loaded, from the command's own log lines). Every line holds
-the load average before and after the run (``load_before`` / ``load_after``, 1/5/15 min): on a
-busy machine all times stretch. ``JAX_LOG_COMPILES=1`` is set in the runs, so ``compiles``
-counts every program obtained (compiled or loaded) and ``compile_s_total`` their seconds.
+(``init``/``step``: compiled or loaded, from the command's own log lines); ``phases`` has
+every stretch between those lines (imports and flags, set-up, data, the state's shapes, the
+state, the step program, the first step). ``--root DIR`` measures the commands of another
+checkout (an earlier commit extracted with ``git archive``: the "before" of a change).
+Every line holds the load average before and after the run (``load_before`` /
+``load_after``, 1/5/15 min): on a busy machine all times stretch. ``JAX_LOG_COMPILES=1`` is
+set in the runs, so ``compiles`` counts every program obtained (compiled or loaded) and
+``compile_s_total`` their seconds.
 """
 
 import argparse
@@ -41,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SCENARIOS = ('tiny', 'demo', 'cube64', 'predict', 'eval')
+CHECKOUT = [ROOT]   # the checkout whose commands are measured (--root)
 LOG_TIME = re.compile(r'^[IWEF](\d{4}) (\d\d:\d\d:\d\d\.\d+)')
 COMPILE_LINE = re.compile(r'Finished XLA compilation of (.+?) in ([0-9.eE+-]+) sec')
 
@@ -53,7 +59,7 @@ def run_env(cache_root):
   """The environment of a measured run: its own compilation cache, no inherited JAX cache."""
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_COMPILATION_CACHE', 'MSTKD_COMPILE_CACHE'))}
-  env.update(MSTKD_CACHE_DIR=cache_root, PYTHONPATH=ROOT, JAX_LOG_COMPILES='1',
+  env.update(MSTKD_CACHE_DIR=cache_root, PYTHONPATH=CHECKOUT[0], JAX_LOG_COMPILES='1',
              MSTKD_NATIVE_CACHE=os.path.join(os.path.expanduser('~'), '.cache', 'mstkd_jax',
                                              'native'))
   return env
@@ -91,11 +97,11 @@ def phrase(line):
 
 
 def run_command(cmd, env, log_path, stop_when=None, timeout=3600):
-  """Runs ``cmd``; returns (launch time, exit time, exit status). ``stop_when()`` true stops
-  the process early (SIGKILL: its workdir is thrown away)."""
+  """Runs ``cmd`` in the measured checkout; returns (launch time, exit time, exit status).
+  ``stop_when()`` true stops the process early (SIGKILL: its workdir is thrown away)."""
   launch = time.time()
   with open(log_path, 'w') as log:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=CHECKOUT[0], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
       while proc.poll() is None:
@@ -151,9 +157,35 @@ def train_run(config, workdir, env, log_path, to_first_step):
     if 'launch_to_first_step_s' in result:
       result['to_first_step_without_data_s'] = round(
           result['launch_to_first_step_s'] - result['data_s'], 2)
+  result['phases'] = phases(lines, launch, record)
   result.update(init=phrase(init_line), step=phrase(step_line), eval_forward=phrase(eval_line))
   result.update(compile_summary(text))
   return result
+
+
+# Log lines that open each phase of a training start, in order (either spelling of a line:
+# this checkout's and earlier ones').
+PHASES = (('imports_and_flags', None), ('set_up', ('] process 0 of ',)),
+          ('data', ('training cases, ',)),
+          ('state_shapes', ('building the networks and initialising', 'resumed from ')),
+          ('state', ('fresh start in ', 'resumed from ')),
+          ('before_step', ('compiling the training step', 'the training step (teacher')),
+          ('step_program', ('the training step (global',)), ('first_step', None))
+
+
+def phases(lines, launch, record):
+  """Seconds of each phase of a start, from the log's timestamps: imports and flags (to the
+  first line), set-up, data, the state's shapes, the state (initialised or restored), what
+  precedes the step program, the step program (loaded or compiled), the first step."""
+  marks = [launch, lines[0][0] if lines else None]
+  for _, needles in PHASES[1:-1]:
+    marks.append(next((t for t, line in lines if any(n in line for n in needles)), None))
+  marks.append(record['time'] if record else None)
+  out = {}
+  for (name, _), start, end in zip(PHASES, marks, marks[1:]):
+    if start is not None and end is not None:
+      out[name + '_s'] = round(end - start, 2)
+  return out
 
 
 def make_export(folder, env):
@@ -253,11 +285,17 @@ def main(argv=None):
   p.add_argument('--scenarios', default=','.join(SCENARIOS),
                  help=f'comma-separated, of {",".join(SCENARIOS)}')
   p.add_argument('--out', help='also append the JSON lines to this file')
+  p.add_argument('--root', default=ROOT,
+                 help='measure the commands of this checkout (e.g. an earlier commit, '
+                      'extracted with git archive) instead of this one')
+  p.add_argument('--label', help="a name for the measured checkout in the JSON lines "
+                 "('checkout'; default its path)")
   p.add_argument('--keep', help='work in this folder and keep it (logs, workdirs, caches)')
   p.add_argument('--phases', default='cold,warm',
                  help="'cold,warm' (default), or 'warm' alone: again with the cache a run with "
                       "--keep left in that folder")
   args = p.parse_args(argv)
+  CHECKOUT[0] = os.path.abspath(args.root)
   chosen = [s.strip() for s in args.scenarios.split(',') if s.strip()]
   phases = [s.strip() for s in args.phases.split(',') if s.strip()]
   if phases not in (['cold', 'warm'], ['warm'], ['cold']):
@@ -269,7 +307,8 @@ def main(argv=None):
     p.error(f'unknown scenarios: {", ".join(unknown)}')
   base = args.keep or tempfile.mkdtemp(prefix='bench_startup_')
   os.makedirs(base, exist_ok=True)
-  common = {'cpus': os.cpu_count(), 'host': os.uname().nodename}
+  common = {'cpus': os.cpu_count(), 'host': os.uname().nodename,
+            'checkout': args.label or CHECKOUT[0]}
   try:
     export = case = None
     for name in chosen:

@@ -28,10 +28,12 @@ leaves the others standing; each starts with an empty device):
               ``profile_step.classify``) and the ten kernels that take the most time, with
               the XLA instruction each belongs to; with ``--artifacts-dir`` the compiled HLO
               text and every kernel's time are kept there;
-  eval_*      the 15-subset evaluation of one full-size synthetic case (15 student forwards
-              plus the teacher, Dice and HD95 on the host), as ``evaluate.evaluate_cases``
-              runs it, and its parts: host <-> device copies, one forward on the device, the
-              15 forwards, the host's scoring;
+  eval_*      the 15-subset evaluation of a full-size synthetic case (15 student forwards
+              plus the teacher, scored as ``evaluate.evaluate_cases`` does), its parts
+              (host <-> device copies, one forward on the device, the 15 forwards, the
+              device's and the host's share of the scoring) and ``evaluate_cases`` on
+              ``EVAL_REPEAT_CASES`` copies of the case: cases per minute and the ratio to the
+              same forward passes alone (``ratio_to_forwards``; the goal is <= 1.2);
   torch_ref   (with --torch-ref-dir) the authors' PyTorch step on the same device, from their
               files extracted into that folder with ``ref_torch_step.py`` beside them.
 Every line is a JSON object with a ``case`` field; failures are lines with ``error``.
@@ -74,6 +76,9 @@ EVAL_CASES = {'eval_f32': ('float32', ''), 'eval_bf16': ('bfloat16', ''),
 # goes after eval_f32).
 DEFAULT_CASES = ['env', 'step_bf16', 'step_bf16_nhwc', 'step_f32', 'eval_f32',
                  'step_bf16_remat', 'step_f32_remat', 'eval_bf16']
+# The evaluation case runs evaluate_cases on this many copies of its case (pipelined: one
+# case's host scoring overlaps the next one's forwards).
+EVAL_REPEAT_CASES = 3
 # On the CPU every case costs a compilation of a minute or more: one of each kind.
 SMOKE_CASES = ['env', 'step_f32', 'eval_f32']
 
@@ -312,10 +317,12 @@ def case_compile_eval(args, dtype):
 def case_eval(args, dtype):
   """The 15-subset evaluation of one case (student x 15 subsets + teacher), as evaluation runs,
   and its parts: host <-> device copies, one forward on a device-resident input, the 15
-  forwards through ``Inference.run`` and the host's scoring (Dice, HD95) of the 16 outputs."""
+  forwards through ``Inference.run``, the device's and the host's scoring of the 16 outputs;
+  then ``evaluate_cases`` on ``EVAL_REPEAT_CASES`` copies of the case against the same
+  forwards alone."""
   import jax
   import numpy as np
-  from mstkd_jax import evaluate, report
+  from mstkd_jax import evaluate
   config, variables, inference, placed, images, case, out = _eval_setup(args, dtype)
   _progress('host <-> device copies')
   batch = np.ascontiguousarray(images[:1])
@@ -338,21 +345,33 @@ def case_eval(args, dtype):
   outputs = dict(zip(range(len(images)), inference.run(placed, images)))
   out['forwards_15_subsets_s'] = round(time.perf_counter() - t0, 3)
   out['forwards_per_s'] = round(15 / out['forwards_15_subsets_s'], 2)
-  _progress('scoring 16 outputs on the host')
-  from mstkd_jax.modalities import ALL_SUBSETS
-  outputs = {subset: outputs[i] for i, subset in enumerate(ALL_SUBSETS)}
-  outputs[report.TEACHER_SUBSET] = outputs[ALL_SUBSETS[-1]]
+  _progress('scoring 16 outputs (masks, counts, surfaces on the device; HD95 on the host)')
+  from mstkd_jax import scoring
+  truth, reference = scoring.reference_on_device(jax.device_put(case.label))
+  one = lambda i: scoring.summarize_on_device(jax.device_put(outputs[i][None]), truth)
+  jax.block_until_ready(one(0))   # compiled once
   t0 = time.perf_counter()
-  evaluate._case_rows(case.case_id, case.label, case.spacing, outputs,  # pylint: disable=protected-access
-                      'brats')
-  out['scoring_16_outputs_s'] = round(time.perf_counter() - t0, 3)
-  del outputs
-  _progress('evaluate_cases on the case')
+  parts = [(one(min(i, len(images) - 1)), 1) for i in range(16)]
+  jax.block_until_ready(parts)
+  out['scoring_device_16_outputs_s'] = round(time.perf_counter() - t0, 3)
   t0 = time.perf_counter()
-  rows = evaluate.evaluate_cases(config, [case], variables, teacher=variables, progress=False)
+  scoring.case_metrics(scoring.Summary.join([(reference, 1)]), scoring.Summary.join(parts),
+                       case.spacing)
+  out['scoring_host_16_outputs_s'] = round(time.perf_counter() - t0, 3)
+  del outputs, parts
+  cases = [case] * EVAL_REPEAT_CASES
+  _progress('evaluate_cases once (its scoring programs compiled), then timed')
+  evaluate.evaluate_cases(config, cases[:1], variables, teacher=variables, progress=False)
+  _progress(f'evaluate_cases on {len(cases)} copies of the case')
+  t0 = time.perf_counter()
+  rows = evaluate.evaluate_cases(config, cases, variables, teacher=variables, progress=False)
   total = time.perf_counter() - t0
-  out.update({'case_15_subsets_plus_teacher_s': round(total, 3),
-              'cases_per_hour': round(3600 / total, 1), 'rows': len(rows),
+  batches = -(-15 // inference.batch_size) + 1   # the student's 15 inputs, the teacher's 1
+  forwards = len(cases) * batches * out['forward_device_resident_s']
+  out.update({'cases': len(cases), 'evaluate_cases_s': round(total, 3),
+              'cases_per_minute': round(60 * len(cases) / total, 2),
+              'forwards_alone_s': round(forwards, 3),
+              'ratio_to_forwards': round(total / max(forwards, 1e-9), 3), 'rows': len(rows),
               'mean_dice': round(float(np.mean([r['dice'] for r in rows])), 4),
               'device_memory_gib': {k: round(v / 2**30, 3)
                                     for k, v in _device_memory().items()}})

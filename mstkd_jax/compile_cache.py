@@ -50,6 +50,7 @@ _CACHE_HIT = '/jax/compilation_cache/cache_hits'
 
 _state = {'enabled': None, 'directory': None}
 _lock = threading.Lock()
+_last_read = threading.local()
 
 
 def cache_root():
@@ -139,7 +140,12 @@ def _atomic_cache_class():
 
   class AtomicLRUCache(base):
     """JAX's cache with writes that are all-or-nothing (without a size limit; with one, JAX's
-    own locked write is kept)."""
+    own locked write is kept), remembering the last entry each thread read."""
+
+    def get(self, key):
+      value = super().get(key)
+      _last_read.value = value
+      return value
 
     def put(self, key, value):
       folder = str(self.path)
@@ -150,6 +156,14 @@ def _atomic_cache_class():
       write_atomic(os.path.join(folder, f'{key}{suffix}'), value)
 
   return AtomicLRUCache
+
+
+def take_last_read():
+  """The raw bytes of the entry this thread last read from the cache (JAX's format), or None;
+  forgotten once taken. ``executable_cache`` keeps a program the cache supplied from them."""
+  value = getattr(_last_read, 'value', None)
+  _last_read.value = None
+  return value
 
 
 def write_atomic(path, value):
@@ -180,6 +194,7 @@ class _Tally:
   def __init__(self):
     self.compiled, self.compiled_s = 0, 0.0
     self.loaded, self.loaded_s = 0, 0.0
+    self.restored, self.restored_s = 0, 0.0   # from the executable cache (no compile event)
 
 
 _active = []                       # the tallies of the open ``timed`` blocks
@@ -208,6 +223,14 @@ def _on_duration(event, seconds, *args, **kwargs):
       tally.compiled_s += seconds
 
 
+def note_restored(seconds):
+  """Counts a program loaded from ``executable_cache`` (neither traced nor looked up here) in
+  the open ``timed`` blocks."""
+  for tally in list(_active):
+    tally.restored += 1
+    tally.restored_s += seconds
+
+
 def _listen():
   """Registers the jax.monitoring listeners once per process."""
   if _listening:
@@ -222,10 +245,13 @@ def _seconds(value):
 
 
 def describe(tally, wall_s=None):
-  """One phrase: 'compiled in 41.2 s', 'loaded from the compilation cache in 0.80 s', both, or
-  'already compiled in this process'; with ``wall_s`` (the block's wall time) it adds how long
-  tracing and lowering took beyond that when it was more than a second."""
+  """One phrase: 'compiled in 41.2 s', 'loaded from the compilation cache in 0.80 s', 'loaded
+  from the executable cache in 2.1 s', several of them, or 'already compiled in this
+  process'; with ``wall_s`` (the block's wall time) it adds how long tracing and lowering
+  took beyond that when it was more than a second."""
   parts = []
+  if tally.restored:
+    parts.append(f'loaded from the executable cache in {_seconds(tally.restored_s)}')
   if tally.loaded:
     parts.append(f'loaded from the compilation cache in {_seconds(tally.loaded_s)}')
   if tally.compiled:
@@ -234,7 +260,8 @@ def describe(tally, wall_s=None):
   if not parts:
     return 'already compiled in this process'
   text = ', '.join(parts)
-  if wall_s is not None and wall_s - tally.loaded_s - tally.compiled_s > 1.0:
+  spent = tally.loaded_s + tally.compiled_s + tally.restored_s
+  if wall_s is not None and wall_s - spent > 1.0:
     text += f' ({_seconds(wall_s)} with tracing and lowering)'
   return text
 

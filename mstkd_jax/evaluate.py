@@ -13,14 +13,18 @@ and write into ``<workdir>/eval`` (``eval_<split>`` for other splits than 'test'
                  named by modality, then the average
 
 and print the table. What the network sees of a case: ``config.eval.sliding_window`` False (the
-the paper's protocol, the default) takes the centre window of ``data.input_shape`` of the brain box, and the metrics
-are computed inside that window; True slides overlapping windows over the whole box and blends
-them (as ``mstkd_jax.predict`` does), with metrics over the whole box.
+paper's protocol, the default) takes the centre window of ``data.input_shape`` of the brain
+box, and the metrics are computed inside that window; True slides overlapping windows over the
+whole box and blends them (as ``mstkd_jax.predict`` does), with metrics over the whole box.
 
 Speed: the forward passes go through ``inference.Inference`` (one compiled function per network
-size); a case's 15 masked copies (and its windows) go through it in batches of
-``config.eval.batch_size``, the last batch zero-padded so the shape never changes.
-The host computes the metrics of one case in a background thread while the device runs the next.
+size) in batches of ``config.eval.batch_size``, the last batch padded so the shape never
+changes. On the centre window a case's image travels to the devices once, its 15 masked copies
+are made there, and each batch's outputs go straight into ``scoring.summarize_on_device``
+(thresholds, regions, Dice counts, surfaces): only counts and bit-packed surfaces come back.
+The host finishes HD95 (``scoring.case_metrics``, distance transforms in threads) of one case
+while the devices run the next. Sliding windows blend on the host and are scored there with the
+same functions. The numbers are those of ``metrics`` (tests/test_evaluate.py compares them).
 With several processes each evaluates a share of the cases and the results are gathered; only
 process 0 writes files.
 
@@ -49,25 +53,19 @@ from mstkd_jax import inference as inference_lib
 from mstkd_jax import metrics as metrics_lib
 from mstkd_jax import model_facts
 from mstkd_jax import report
+from mstkd_jax import scoring
 from mstkd_jax.data import pipeline
 from mstkd_jax.logging_utils import Progress
 from mstkd_jax.models import build
-from mstkd_jax.modalities import ALL_SUBSETS, FULL, masked_copies, parse_subsets, subset_name
+from mstkd_jax.modalities import (ALL_SUBSETS, FULL, masked_copies, parse_subsets, subset_masks,
+                                  subset_name)
+
+# Threads of the host's share of the scoring (HD95's distance transforms; scipy releases the GIL).
+HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def _case_rows(case_id, label, spacing, outputs, convention):
-  """Per-case CSV rows from {subset or TEACHER_SUBSET: probs}."""
-  truth = metrics_lib.region_masks(label)
-  rows = []
-  for subset, probs in outputs.items():
-    pred = metrics_lib.region_masks(probs)
-    rows += report.metric_rows(case_id, subset,
-                               metrics_lib.case_metrics(pred, truth, spacing, convention))
-  return rows
 
 
 def _gather_rows(rows):
@@ -85,31 +83,61 @@ def _gather_rows(rows):
   return out
 
 
+def _start_case(inference, case, runs, sliding_window, convention):
+  """Starts the forward passes of one case, asynchronous on the devices: ``runs`` is
+  [(variables, subsets, row names)], one per network. Returns ``finish(pool) -> rows``, which
+  waits for the outputs and scores them (``scoring``; HD95's distance transforms in ``pool``)."""
+  names = [name for _, _, run_names in runs for name in run_names]
+  if sliding_window:   # boxes of any size: probabilities and scores on the host
+    truth, summary = scoring.reference(case.label)
+    probs = np.concatenate([inference.predict(v, masked_copies(case.image, subsets))
+                            for v, subsets, _ in runs])
+    reference = lambda: summary
+    outputs = lambda: scoring.Summary.join([(scoring.summarize(probs, truth), len(probs))])
+  else:
+    image = inference.put(case.image)
+    truth, on_device = scoring.reference_on_device(inference.put(case.label))
+    score = lambda probs: scoring.summarize_on_device(probs, truth)
+    parts = [part for v, subsets, _ in runs
+             for part in inference.run_masked(v, image, subset_masks(subsets), score)]
+    reference = lambda: scoring.Summary.join([(on_device, 1)])
+    outputs = lambda: scoring.Summary.join(parts)
+
+  def finish(pool):
+    scores = scoring.case_metrics(reference(), outputs(), case.spacing, convention, pool=pool)
+    rows = []
+    for name, metrics in zip(names, scores):
+      rows += report.metric_rows(case.case_id, name, metrics)
+    return rows
+
+  return finish
+
+
 def evaluate_cases(config, cases, student, teacher=None, subsets=ALL_SUBSETS,
                    sliding_window=None, progress=True, desc='evaluate'):
   """Per-case rows (case, subset, region, dice, hd95) of the student on every subset (and the
-  teacher on the full input when given) over ``cases`` (``pipeline.EvalCase`` sequence)."""
+  teacher on the full input when given) over ``cases`` (``pipeline.EvalCase`` sequence).
+
+  A case's forwards and their scoring programs are queued on the devices; while they run, the
+  host reads the next case and finishes the previous one (HD95's distance transforms in
+  ``HOST_THREADS`` threads)."""
   sliding_window = bool(inference_lib.eval_field(config, 'sliding_window', False)
                         if sliding_window is None else sliding_window)
   convention = inference_lib.eval_field(config, 'hd95_convention', 'brats')
   inference = inference_lib.get_inference(config)
-  student = inference.place(student)
-  teacher = inference.place(teacher) if teacher is not None else None
+  runs = [(inference.place(student), tuple(subsets), list(subsets))]
+  if teacher is not None:
+    runs.append((inference.place(teacher), (FULL,), [report.TEACHER_SUBSET]))
   share = list(range(jax.process_index(), len(cases), jax.process_count()))
   bar = Progress(len(share), desc, enabled=progress and jax.process_index() == 0)
   rows = []
   pending = []
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as finisher, \
+      concurrent.futures.ThreadPoolExecutor(max_workers=HOST_THREADS) as pool:
     for index in share:
-      case = cases[index]
-      run = inference.predict if sliding_window else inference.run
-      outputs = dict(zip(subsets, run(student, masked_copies(case.image, subsets))))
-      if teacher is not None:
-        outputs[report.TEACHER_SUBSET] = run(teacher, case.image[None])[0]
-      # The host scores this case while the device runs the next one.
-      pending.append(pool.submit(_case_rows, case.case_id, case.label, case.spacing, outputs,
-                                 convention))
-      del outputs
+      finish = _start_case(inference, cases[index], runs, sliding_window, convention)
+      pending.append(finisher.submit(finish, pool))
+      # At most two cases in flight: this one on the devices, the previous one on the host.
       while pending and (pending[0].done() or len(pending) > 1):
         rows += pending.pop(0).result()
         bar.update()
@@ -194,15 +222,34 @@ def mean_dice(rows, prefix='dice'):
   return out
 
 
-def _dice_rows(case_id, label, outputs):
-  truth = metrics_lib.region_masks(label)
+def _dice_rows(case_id, subsets, counts, truth_count):
+  """Validation rows {'case', 'subset', 'region', 'dice'} from ``scoring.dice_counts``' host
+  arrays (``metrics.dice``'s values)."""
   rows = []
-  for subset, probs in outputs.items():
-    pred = metrics_lib.region_masks(probs)
-    for region in metrics_lib.REGIONS:
+  for i, subset in enumerate(subsets):
+    for r, region in enumerate(metrics_lib.REGIONS):
       rows.append({'case': case_id, 'subset': subset_name(subset), 'region': region,
-                   'dice': metrics_lib.dice(pred[region], truth[region])})
+                   'dice': scoring.dice_from_counts(counts['count'][i, r],
+                                                    counts['overlap'][i, r], truth_count[r])})
   return rows
+
+
+def _case_dice(inference, case, runs):
+  """Per network of ``runs`` [(variables, subsets)], the Dice rows of one case: thresholds,
+  regions and voxel counts on the devices, only the counts fetched."""
+  image = inference.put(case.image)
+  truth = scoring.region_masks(np.asarray(case.label))
+  truth_count = truth.sum(axis=(0, 1, 2))
+  on_device = inference.put(truth)
+  count = lambda probs: scoring.dice_counts(probs, on_device)
+  started = [inference.run_masked(variables, image, subset_masks(subsets), count)
+             for variables, subsets in runs]
+  out = []
+  for (_, subsets), parts in zip(runs, started):
+    parts = [(jax.device_get(p), rows) for p, rows in parts]
+    counts = {k: np.concatenate([p[k][:rows] for p, rows in parts]) for k in parts[0][0]}
+    out.append(_dice_rows(case.case_id, subsets, counts, truth_count))
+  return out
 
 
 def make_validator(config, dataset):
@@ -221,11 +268,10 @@ def make_validator(config, dataset):
     teacher = inference.place(build.network_variables(state, 'teacher'))
     rows, teacher_rows = [], []
     for index in range(jax.process_index(), len(cases), jax.process_count()):
-      case = cases[index]
-      probs = inference.run(student, masked_copies(case.image, subsets))
-      rows += _dice_rows(case.case_id, case.label, dict(zip(subsets, probs)))
-      probs = inference.run(teacher, case.image[None])
-      teacher_rows += _dice_rows(case.case_id, case.label, {FULL: probs[0]})
+      student_dice, teacher_dice = _case_dice(inference, cases[index],
+                                              [(student, subsets), (teacher, (FULL,))])
+      rows += student_dice
+      teacher_rows += teacher_dice
     result = mean_dice(_gather_rows(rows))
     result.update(mean_dice(_gather_rows(teacher_rows), prefix='teacher_dice'))
     logging.info('epoch %d validation: student Dice %.4f (WT %.4f, TC %.4f, ET %.4f) over %d '

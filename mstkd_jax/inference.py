@@ -7,6 +7,8 @@ boxes.
 * ``Inference``: one ``jax.jit`` function ``probs = f(variables, images[B, H, W, D, 4])`` per
   network size, compiled once (``get_inference`` caches it); inputs go through it in batches
   of ``config.eval.batch_size``, the last batch zero-padded so the shape never changes;
+  ``run_masked`` runs one image under several modality masks, the masked copies made on the
+  devices and the outputs left there (the 15-subset evaluation scores them there);
 * sliding windows (``window_starts``) blended with Gaussian or uniform weights
   (``blend_weights``) over boxes larger than the model's input;
 * test-time mirroring (``box_probabilities(..., tta=True)``): the mean over the 8 mirrorings.
@@ -130,6 +132,8 @@ class Inference:
 
     self._fn = jax.jit(probs, in_shardings=(self._replicated, self._batch_sharding),
                        out_shardings=self._batch_sharding)
+    self._masked = jax.jit(_masked_batch, in_shardings=(self._replicated, self._batch_sharding),
+                           out_shardings=self._batch_sharding)
     self.compile_seconds = None
 
   def place(self, variables):
@@ -137,17 +141,43 @@ class Inference:
     variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     return jax.device_put(jax.tree.map(_local_copy, variables), self._replicated)
 
+  def put(self, array):
+    """``array`` on this process's devices, replicated (e.g. a case's image: one transfer)."""
+    return jax.device_put(array, self._replicated)
+
+  def _forward(self, variables, batch):
+    """The compiled forward pass of one batch, its result left on the devices; the first call
+    is timed and logged (compiled or loaded from the compilation cache)."""
+    if self.compile_seconds is not None:
+      return self._fn(variables, batch)
+    t0 = time.time()
+    with compile_cache.timed('the evaluation forward pass', log=False) as tally:
+      out = jax.block_until_ready(self._fn(variables, batch))
+    self.compile_seconds = time.time() - t0
+    logging.info('the evaluation forward pass (batch %d of %s): %s; ready and run once in '
+                 '%.1f s', self.batch_size, self.window, compile_cache.describe(tally),
+                 self.compile_seconds)
+    return out
+
   def _call(self, variables, batch):
-    if self.compile_seconds is None:
-      t0 = time.time()
-      with compile_cache.timed('the evaluation forward pass', log=False) as tally:
-        out = np.asarray(self._fn(variables, batch))
-      self.compile_seconds = time.time() - t0
-      logging.info('the evaluation forward pass (batch %d of %s): %s; ready and run once in '
-                   '%.1f s', self.batch_size, self.window, compile_cache.describe(tally),
-                   self.compile_seconds)
-      return out
-    return np.asarray(self._fn(variables, batch))
+    return np.asarray(self._forward(variables, batch))
+
+  def run_masked(self, variables, image, masks, reduce=None):
+    """The forward passes of one image [H, W, D, 4] (on the host, or ``put`` on the devices)
+    under each row of ``masks`` [S, 4] (1 keeps a modality, 0 zeroes it, on the devices: the
+    image travels once), ``batch_size`` rows at a time. Returns [(result, rows)] per batch:
+    ``reduce(probs)`` (a compiled function of the batch's probabilities [B, H, W, D, C], e.g.
+    a scoring program) or the probabilities, left on the devices (asynchronous), and how many
+    of its B rows are real (the last batch is padded with zero masks)."""
+    masks = np.asarray(masks, np.float32)
+    out = []
+    for start in range(0, len(masks), self.batch_size):
+      rows = masks[start:start + self.batch_size]
+      padded = np.zeros((self.batch_size, masks.shape[1]), np.float32)
+      padded[:len(rows)] = rows
+      probs = self._forward(variables, self._masked(image, padded))
+      out.append((probs if reduce is None else reduce(probs), len(rows)))
+    return out
 
   def stream(self, variables, items):
     """Runs (key, image [H, W, D, 4]) items in batches; yields (key, probs [H, W, D, C])."""
@@ -205,6 +235,12 @@ class Inference:
       out[i][sl] += probs * weights[..., None]
     out /= total[None, ..., None]
     return out
+
+
+def _masked_batch(image, masks):
+  """[B, H, W, D, 4]: ``image`` [H, W, D, 4] times each 0/1 row of ``masks`` [B, 4] (the
+  arithmetic of ``modalities.masked_copies``)."""
+  return image[None] * masks[:, None, None, None, :]
 
 
 _INFERENCE = {}

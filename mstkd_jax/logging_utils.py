@@ -1,10 +1,12 @@
 """Metric logs: a JSON-lines file, TensorBoard event files (tensorboardX, no TensorFlow) and a
 progress bar on terminals. Only process 0 writes (``enabled=False`` elsewhere)."""
 
+import importlib
 import json
 import logging as py_logging
 import os
 import sys
+import threading
 import time
 
 import tqdm
@@ -176,6 +178,20 @@ def drop_records_after(workdir, step):
   if len(keep) != len(lines):
     write_text_atomic(path, ''.join(keep))
   return len(lines) - len(keep)
+
+
+def preload_tensorboard():
+  """Imports TensorBoard's writer (tensorboardX: seconds of imports) in a thread, so that a
+  ``MetricWriter`` made later finds it ready; the training loop calls it while its programs
+  load."""
+
+  def load():
+    try:
+      importlib.import_module('tensorboardX')
+    except ImportError:
+      pass
+
+  threading.Thread(target=load, name='mstkd-tensorboard-import', daemon=True).start()
 
 
 class MetricWriter:

@@ -26,7 +26,6 @@ import sys
 
 from absl import flags
 import numpy as np
-from scipy import stats
 
 from mstkd_jax import cli
 from mstkd_jax.metrics import BRATS_EMPTY_HD95, REGIONS
@@ -177,6 +176,7 @@ def mean_interval(values, confidence=0.95):
   sem = float(values.std(ddof=1)) / math.sqrt(len(values))
   if sem == 0.0:
     return mean, mean, mean
+  from scipy import stats  # pylint: disable=import-outside-toplevel  (seconds at start-up)
   low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
   return mean, float(low), float(high)
 

@@ -13,7 +13,7 @@ import jax
 from absl import logging
 
 from mstkd_jax import checkpoint as ckpt
-from mstkd_jax import evaluate, optim, parallel, train, visualize
+from mstkd_jax import evaluate, optim, parallel, train
 from mstkd_jax.data import pipeline
 
 
@@ -51,6 +51,8 @@ def train_and_evaluate(config, workdir, allow_config_change=False, max_steps=Non
   if dataset.split['test']:
     evaluate.evaluate_state(config, dataset, state, split='test')
   if jax.process_index() == 0:
+    # Imported here: matplotlib costs a second or more of every start.
+    from mstkd_jax import visualize  # pylint: disable=import-outside-toplevel
     curves = visualize.learning_curves(workdir)
     if curves:
       logging.info('learning curves: %s', curves)

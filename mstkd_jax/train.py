@@ -22,7 +22,6 @@ import time
 from typing import Callable, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -32,11 +31,15 @@ from mstkd_jax import disk
 from mstkd_jax import host_memory
 from mstkd_jax import optim
 from mstkd_jax import parallel
-from mstkd_jax import step as step_lib
+from mstkd_jax import programs
 from mstkd_jax.data import layouts
 from mstkd_jax.models import build
 from mstkd_jax.fileio import read_json, write_text_atomic
-from mstkd_jax.logging_utils import MetricWriter, describe_memory, drop_records_after
+from mstkd_jax.logging_utils import (MetricWriter, describe_memory, drop_records_after,
+                                     preload_tensorboard)
+# The programs of a run (programs.py), under the names tests and experiments use.
+from mstkd_jax.programs import (batch_struct, compile_train_step, create_state,  # noqa: F401
+                                state_shardings)
 
 
 class TrainingStopped(RuntimeError):
@@ -99,36 +102,6 @@ class Preempted(SystemExit):
     return self.message
 
 
-def state_shardings(config, mesh, abstract_state):
-  """Replicated state, or split over the ``data`` axis with ``config.train.shard_state``."""
-  shard = bool(config.train.get('shard_state', False))
-  return parallel.state_shardings(abstract_state, mesh, shard=shard)
-
-
-def create_state(config, mesh, steps_per_epoch, shardings=None):
-  """A fresh TrainState placed on the mesh (replicated unless ``shardings`` say otherwise).
-
-  One process: initialised by one program whose outputs already have ``shardings`` (no host
-  copy: the state of the full-size model is 3.5 GiB). Several processes: initialised on one
-  device of each, brought to the host and copied to the devices, so that every process
-  computes the same values from ``config.seed`` and keeps only the pieces its devices hold.
-  jax.random's values do not depend on how an array is sharded, so both give the same state.
-  The program comes from the persistent compilation cache when an earlier run compiled it
-  (logged: compiled or loaded, and how long).
-  """
-  init = build.init_function(config, steps_per_epoch)
-  if shardings is None:
-    shardings = state_shardings(config, mesh, build.abstract_state(config, steps_per_epoch))
-  rng = jax.random.key(config.seed)
-  single = jax.process_count() == 1
-  with compile_cache.timed('the initialisation program'):
-    lowered = jax.jit(init, out_shardings=shardings if single else None).lower(rng)
-    compiled = lowered.compile(compiler_options=build.INIT_COMPILER_OPTIONS)
-  if single:
-    return compiled(rng)
-  return parallel.host_to_global(jax.device_get(compiled(rng)), shardings)
-
-
 def frozen_teacher_network(config):
   """The network of ``train.frozen_teacher``'s workdir that becomes the teacher ('student' unless
   ``train.frozen_teacher_network`` says 'teacher'), or None when the teacher is trained. Raises
@@ -168,16 +141,6 @@ def with_frozen_teacher(config, state, shardings):
                        batch_stats={**state.batch_stats, 'teacher': stats})
 
 
-def batch_struct(config, global_batch_size, mesh):
-  """The step's batch: image float32 [B, H, W, D, 4], one-hot label uint8 [B, H, W, D, C]."""
-  shape = build.input_shape(config, global_batch_size)
-  label_shape = shape[:-1] + (config.model.num_classes,)
-  sharding = parallel.batch_sharding(mesh)
-  return {'image': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
-          'label': jax.ShapeDtypeStruct(label_shape, layouts.TRAIN_LABEL_DTYPE,
-                                        sharding=sharding)}
-
-
 def as_step_batch(batch):
   """A batch in the step's types: one-hot labels given as float (0/1) become uint8."""
   label = np.asarray(batch['label'])
@@ -187,37 +150,6 @@ def as_step_batch(batch):
       raise ValueError('training labels must be one-hot 0/1 values')
     batch = {**batch, 'label': converted}
   return batch
-
-
-# Compiled steps of this process, by (config, devices, steps per epoch, batch, shardings): a
-# second train_loop in the same process (tests, notebooks) does not compile again.
-_COMPILED = {}
-
-
-def compile_train_step(config, mesh, steps_per_epoch, abstract_state, global_batch_size,
-                       shardings=None):
-  """Lowers and compiles the training step ahead of time for these shapes and shardings.
-
-  The state is donated; the batch is sharded over ``data``; the key and the metrics are
-  replicated. Returns the compiled executable: call it as
-  ``compiled(state, batch, rng) -> (state, metrics)``.
-  """
-  if shardings is None:
-    shardings = state_shardings(config, mesh, abstract_state)
-  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
-         int(steps_per_epoch), int(global_batch_size), repr(jax.tree.leaves(shardings)))
-  if key in _COMPILED:
-    return _COMPILED[key]
-  rep = parallel.replicated(mesh)
-  fn = jax.jit(functools.partial(step_lib.train_step, config=config,
-                                 steps_per_epoch=steps_per_epoch),
-               in_shardings=(shardings, parallel.batch_sharding(mesh), rep),
-               out_shardings=(shardings, rep), donate_argnums=(0,))
-  state_struct = ckpt.abstract_like(abstract_state, shardings)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-  compiled = fn.lower(state_struct, batch_struct(config, global_batch_size, mesh), rng).compile()
-  _COMPILED[key] = compiled
-  return compiled
 
 
 # Fields that may change between a run and its resumption: how long, how often to log,
@@ -389,7 +321,14 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   if parallel.is_main_process():
     write_text_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
-  abstract = build.abstract_state(config, steps_per_epoch)
+  load_step = functools.partial(programs.prefetch_step, config, mesh, steps_per_epoch,
+                                global_bs)
+  if not resuming or manager.latest_step() < total_steps:
+    if resuming or programs.has_initial_state(config, mesh, steps_per_epoch):
+      load_step()   # the cached step loads in a thread while the state is read
+    if parallel.is_main_process():
+      preload_tensorboard()   # seconds of imports, in a thread while the programs load
+  abstract = programs.abstract_state(config, mesh, steps_per_epoch)
   shardings = state_shardings(config, mesh, abstract)
   best_dice = -math.inf
   if resuming:
@@ -410,7 +349,9 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
   else:
     logging.info('building the networks and initialising the train state')
     t0 = time.time()
-    state = create_state(config, mesh, steps_per_epoch, shardings)
+    # Otherwise the cached step loads in a thread once the initialisation is loaded, while
+    # it runs.
+    state = create_state(config, mesh, steps_per_epoch, shardings, after_load=load_step)
     if optim.teacher_is_frozen(config):
       state = with_frozen_teacher(config, state, shardings)
     logging.info('fresh start in %.1f s: teacher %d, student %d, discriminator %d parameters',
@@ -426,8 +367,8 @@ def train_loop(config, workdir, train_iter: Iterator, steps_per_epoch: int, *,
     return state
 
   host_memory.trim()
-  logging.info('compiling the training step (teacher, student, every loss, discriminator; '
-               'about a minute on a CPU the first time, then loaded from the compilation cache)')
+  logging.info('the training step (teacher, student, every loss, discriminator): from the '
+               'executable cache, else compiled (about a minute on a CPU the first time)')
   with compile_cache.timed('the training step', log=False) as tally:
     compiled = compile_train_step(config, mesh, steps_per_epoch, abstract, global_bs, shardings)
   host_memory.trim()

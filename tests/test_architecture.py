@@ -2,7 +2,7 @@
 
   faces        main, run, predict (and its modules predict.*), visualize, convert_torch,
                data.prepare, evaluate_folder
-  train | eval train, step | evaluate, inference, prediction_policy, metrics,
+  train | eval train, step, programs | evaluate, inference, prediction_policy, metrics, scoring,
                lesionwise(_brats2025), report, export, model_facts, subset_selection
   services     models.build, checkpoint, parallel
   foundations  models.*, losses, optim, modalities, data.*, native.*, and the utilities
@@ -19,9 +19,9 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 FACES = {'main', 'run', 'predict', 'visualize', 'convert_torch', 'data.prepare',
          'evaluate_folder'}
-TRAIN = {'train', 'step'}
-EVAL = {'evaluate', 'inference', 'prediction_policy', 'metrics', 'lesionwise', 'lesionwise_brats2025', 'report', 'export',
-        'model_facts', 'subset_selection'}
+TRAIN = {'train', 'step', 'programs'}
+EVAL = {'evaluate', 'inference', 'prediction_policy', 'metrics', 'scoring', 'lesionwise',
+        'lesionwise_brats2025', 'report', 'export', 'model_facts', 'subset_selection'}
 SERVICES = {'models.build', 'checkpoint', 'parallel'}
 
 

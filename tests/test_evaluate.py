@@ -10,10 +10,11 @@ import pytest
 
 from mstkd_jax import evaluate
 from mstkd_jax import inference as inference_lib
+from mstkd_jax import metrics
 from mstkd_jax import report
 from mstkd_jax.data import pipeline
 from mstkd_jax.models import build
-from mstkd_jax.modalities import ALL_SUBSETS, subset_name
+from mstkd_jax.modalities import ALL_SUBSETS, masked_copies, parse_subsets, subset_name
 from tests import helpers_eval
 
 
@@ -133,3 +134,51 @@ def test_sliding_windows_blend_window_outputs(run):
   np.testing.assert_allclose(blended[0, 8:32], (first[0, 8:] + last[0, :24]) / 2, atol=1e-6)
   # A box of the input size is one window.
   np.testing.assert_allclose(inference.predict(variables, box[:, :32]), first, atol=1e-6)
+
+
+def _reference_rows(config, cases, student, teacher, sliding_window):
+  """The rows as the evaluation computed them before its device-side scoring: probabilities
+  on the host, ``metrics.case_metrics`` per output."""
+  inference = inference_lib.get_inference(config)
+  student, teacher = inference.place(student), inference.place(teacher)
+  run = inference.predict if sliding_window else inference.run
+  rows = []
+  for case in cases:
+    outputs = dict(zip(ALL_SUBSETS, run(student, masked_copies(case.image, ALL_SUBSETS))))
+    outputs[report.TEACHER_SUBSET] = run(teacher, case.image[None])[0]
+    truth = metrics.region_masks(case.label)
+    for subset, probs in outputs.items():
+      rows += report.metric_rows(case.case_id, subset, metrics.case_metrics(
+          metrics.region_masks(probs), truth, case.spacing))
+  return rows
+
+
+@pytest.mark.parametrize('sliding_window', [False, True])
+def test_evaluation_numbers_equal_the_metric_functions(run, sliding_window):
+  dataset = pipeline.prepare(run.config, run.workdir, splits=('test',), progress=False)
+  cases = pipeline.load_eval_cases(dataset, 'test', full_box=sliding_window)
+  student = build.network_variables(run.state, 'student')
+  teacher = build.network_variables(run.state, 'teacher')
+  rows = evaluate.evaluate_cases(run.config, cases, student, teacher,
+                                 sliding_window=sliding_window, progress=False)
+  assert rows == _reference_rows(run.config, cases, student, teacher, sliding_window)
+
+
+def test_validation_dice_equals_the_metric_function(run):
+  config = helpers_eval.tiny_eval_config()
+  dataset = pipeline.prepare(config, run.workdir, splits=('val',), progress=False)
+  result = evaluate.make_validator(config, dataset)(run.state, 1)
+  inference = inference_lib.get_inference(config)
+  subsets = parse_subsets('all')
+  for network, prefix, chosen in (('student', 'dice', subsets), ('teacher', 'teacher_dice',
+                                                                  subsets[-1:])):
+    variables = inference.place(build.network_variables(run.state, network))
+    values = {region: [] for region in metrics.REGIONS}
+    for case in pipeline.load_eval_cases(dataset, 'val'):
+      truth = metrics.region_masks(case.label)
+      for probs in inference.run(variables, masked_copies(case.image, chosen)):
+        pred = metrics.region_masks(probs)
+        for region in metrics.REGIONS:
+          values[region].append(metrics.dice(pred[region], truth[region]))
+    for region in metrics.REGIONS:
+      assert result[f'{prefix}_{region}'] == float(np.mean(values[region]))

@@ -44,8 +44,10 @@ def test_gpu_check_smoke(tmp_path):
   assert len(profile['top10_kernels']) == 10
   assert (tmp_path / 'artifacts' / 'step_f32.hlo.txt.gz').exists()
   evaluation = by_case['eval_f32']
-  assert evaluation['rows'] == 16 * 3     # 15 subsets + the teacher, 3 regions
-  assert evaluation['forwards_15_subsets_s'] > 0 and evaluation['scoring_16_outputs_s'] > 0
+  # 15 subsets + the teacher, 3 regions, for each copy of the case
+  assert evaluation['rows'] == evaluation['cases'] * 16 * 3
+  assert evaluation['forwards_15_subsets_s'] > 0 and evaluation['scoring_host_16_outputs_s'] > 0
+  assert evaluation['cases_per_minute'] > 0 and evaluation['ratio_to_forwards'] > 0
 
 
 def test_gpu_check_reports_a_failing_case_and_goes_on(tmp_path):

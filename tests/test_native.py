@@ -134,6 +134,33 @@ def test_without_a_compiler_falls_back_to_xla_with_one_warning(tmp_path):
   assert 'MSTKD_CONV=onednn, but' in proc.stderr
 
 
+def test_the_self_check_runs_once_per_library_jax_version_and_machine(tmp_path):
+  """A fresh process checks the library and notes the types that passed; the next one trusts
+  the note; a note from another jax version is checked again."""
+  assert onednn.load(), onednn.reason()
+  library = onednn.library_path(onednn._onednn_prefix())  # pylint: disable=protected-access
+  copied = tmp_path / os.path.basename(library)
+  copied.write_bytes(open(library, 'rb').read())
+  code = ('from mstkd_jax.native import onednn\n'
+          'calls = []\n'
+          'real = onednn._self_check\n'
+          'onednn._self_check = lambda d: calls.append(d) or real(d)\n'
+          'print("dtypes", len(onednn.load()), "checks", len(calls))\n')
+  env = dict(os.environ, MSTKD_NATIVE_CACHE=str(tmp_path), MSTKD_CONV='auto', PYTHONPATH=ROOT)
+  run = lambda: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                               env=env, timeout=300)
+  first, second = run(), run()
+  assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+  served = first.stdout.split()[1]
+  assert f'dtypes {served} checks 2' in first.stdout
+  assert f'dtypes {served} checks 0' in second.stdout
+  record = str(copied) + '.checked.json'
+  text = open(record).read()
+  with open(record, 'w') as f:
+    f.write(text.replace(jax.__version__, '0.0.1'))
+  assert 'checks 2' in run().stdout
+
+
 def test_bad_mode_is_named(monkeypatch):
   monkeypatch.setenv('MSTKD_CONV', 'fast')
   with pytest.raises(ValueError, match="MSTKD_CONV='fast'"):

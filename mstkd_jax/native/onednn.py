@@ -13,8 +13,9 @@ compiler against oneDNN from the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
 (``$MSTKD_NATIVE_CACHE``, else ``native/`` under ``$MSTKD_CACHE_DIR`` or
 ``~/.cache/mstkd_jax``; when that folder cannot be written and holds no built library, a
 folder of this user's own in the temporary directory, ``$TMPDIR/mstkd_jax-<uid>/native``);
-later processes load the built library. Before first use each data
-type is checked once against ``lax.conv_general_dilated`` on a small case.
+later processes load the built library. Before first use each data type is checked against
+``lax.conv_general_dilated`` on a small case, once per library build, jax version and machine
+(the types that passed are noted beside the library, in ``<library>.checked.json``).
 
 ``$MSTKD_CONV`` chooses: ``auto`` (default: oneDNN on the CPU backend when it builds and passes
 that check; otherwise, with one log line saying why, XLA's convolution), ``xla`` (never
@@ -26,6 +27,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import site
 import stat
@@ -43,6 +45,7 @@ import numpy as np
 from absl import logging
 
 from mstkd_jax import compile_cache
+from mstkd_jax import fileio
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv3d.cc')
 TARGETS = {'mstkd_conv3d_fwd': 'MstkdConv3dForward',
@@ -192,8 +195,33 @@ def _self_check(dtype):
                               f'{err:.2e} (relative)')
 
 
+def _check_record(path):
+  """Where the data types that passed ``_self_check`` with the library ``path`` are noted, and
+  what must match for a later process to trust that note (jax, jaxlib, the machine)."""
+  return path + '.checked.json', {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+                                  'machine': compile_cache.machine_tag()}
+
+
+def _checked_before(path):
+  """The data types an earlier process checked with this library here, or None."""
+  record, expected = _check_record(path)
+  try:
+    with open(record) as f:
+      noted = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if {k: noted.get(k) for k in expected} != expected:
+    return None
+  names = {np.dtype(d).name: d for d in (jnp.float32, jnp.bfloat16)}
+  return tuple(names[n] for n in noted.get('dtypes', ()) if n in names)
+
+
 def _load_and_check():
-  _STATE['library'] = _register(build(_onednn_prefix()))
+  path = build(_onednn_prefix())
+  _STATE['library'] = _register(path)
+  checked = _checked_before(path)
+  if checked:   # once per library build, jax version and machine (about a second each start)
+    return checked
   dtypes = []
   for dtype in (jnp.float32, jnp.bfloat16):
     _STATE['dtypes'] = tuple(dtypes) + (dtype,)   # lets the check run this type
@@ -204,6 +232,11 @@ def _load_and_check():
       if dtype == jnp.float32:
         raise
       logging.info('oneDNN convolutions: %s not used (%s)', np.dtype(dtype).name, e)
+  record, noted = _check_record(path)
+  try:
+    fileio.write_json_atomic(record, dict(noted, dtypes=[np.dtype(d).name for d in dtypes]))
+  except OSError:
+    pass
   return tuple(dtypes)
 
 
