@@ -61,6 +61,52 @@ def test_gpu_check_reports_a_failing_case_and_goes_on(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_train_smoke(tmp_path):
+  """experiments/gpu_train.py --smoke: the epoch end to end (validation included) and the
+  short training run stopped by SIGTERM, exported, evaluated and copied back, on the CPU."""
+  out = tmp_path / 'out'
+  proc = _run(['experiments/gpu_train.py', '--smoke', '--out-dir', str(out), '--work',
+               str(tmp_path / 'work')], timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  lines = [json.loads(line) for line in (out / 'gpu_train.jsonl').read_text().splitlines()]
+  epoch, trained = lines
+  assert epoch['case'] == 'epoch' and epoch['status'] == 0 and epoch['validation_included']
+  assert epoch['steps'] >= 2 and epoch['volumes_per_s_end_to_end'] > 0
+  assert epoch['volumes_per_s_end_to_end'] <= epoch['volumes_per_s_median'] * 1.5
+  assert trained['case'] == 'cpu_real' and trained['train_status'] == 143   # SIGTERM: saved
+  assert trained['export_status'] == 0 and trained['eval_status'] == 0 and trained['steps'] > 0
+  kept = sorted(os.listdir(out / 'cpu_real'))
+  assert kept == ['cpu_real.log', 'export.tar.gz', 'metrics.jsonl', 'per_case.csv',
+                  'summary.json', 'table.md']
+  assert 'FLAIR+T1+T1Gd+T2' in (out / 'cpu_real' / 'table.md').read_text()
+
+
+def test_compact_cases_keep_the_brain_at_the_coarse_spacing(tmp_path):
+  """experiments/compact_cases.py: 2 mm, cropped, int16 / uint8, the brain and labels where
+  they were (world coordinates), and the data path reads the copy."""
+  import nibabel as nib
+  from mstkd_jax.data import layouts, preprocess, synthetic
+  root = tmp_path / 'cases'
+  synthetic.generate_dataset(str(root), 1, (60, 64, 50), 'brats2021', seed=3, spacing=1.0)
+  proc = _run(['experiments/compact_cases.py', '--root', str(root), '--out',
+               str(tmp_path / 'small')], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  case = sorted(os.listdir(root))[0]
+  for name in sorted(os.listdir(root / case)):
+    big, small = nib.load(str(root / case / name)), nib.load(str(tmp_path / 'small' / case / name))
+    assert np.allclose(np.sqrt((small.affine[:3, :3] ** 2).sum(0)), 2.0)
+    assert small.get_data_dtype() == (np.uint8 if '_seg' in name else np.int16)
+    assert all(s <= (b + 1) // 2 for s, b in zip(small.shape, big.shape))
+    if '_seg' in name:   # the tumour's centre of mass stays in place, in mm
+      centre = [np.argwhere(np.asarray(img.dataobj) > 0).mean(0) for img in (big, small)]
+      world = [img.affine[:3, :3] @ c + img.affine[:3, 3] for img, c in zip((big, small), centre)]
+      assert np.abs(world[0] - world[1]).max() < 1.5
+  (found,) = layouts.discover_cases(str(tmp_path / 'small'))
+  raw = preprocess.read_case(found)
+  assert all(raw.present) and raw.codes is not None and raw.codes.any()
+
+
+@pytest.mark.slow
 def test_compare_variants_smoke(tmp_path):
   """experiments/compare_variants.py end to end on 8 tiny synthetic cases: 2 folds x 2
   variants x 2 steps, the report (per-variant table, per-subset table, paired comparison with
