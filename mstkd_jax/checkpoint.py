@@ -23,6 +23,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
@@ -262,6 +263,11 @@ def _restore_network(config, directory, location):
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
+def _replicated_everywhere():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1), ('devices',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def load_config(directory):
   """The config saved beside a checkpoint (``config.json`` of a workdir or an export)."""
   path = os.path.join(directory, 'config.json')
@@ -487,7 +493,10 @@ def load_networks(config, location, which=None, names=('student',)) -> LoadedNet
   manager = make_manager(directory, read_only=True)
   try:
     step = resolve_step(manager, which)
-    abstract = build.abstract_state(config)
+    # Replicated on every device of every process: each process of a multi-process job reads
+    # a whole copy (the shardings the checkpoint was saved with may name another process's
+    # devices, or devices this job does not have).
+    abstract = abstract_like(build.abstract_state(config), _replicated_everywhere())
     _check_stored_state(os.path.join(directory, str(step), 'state'), abstract)
     try:
       state, _, _ = restore(manager, step, abstract, with_data=False)

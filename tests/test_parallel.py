@@ -145,3 +145,41 @@ def test_remat_and_bfloat16():
   assert bf16['state_float_dtypes'] == ['float32']
   assert np.isfinite(bf16['metrics']['total'])
   assert bf16['metrics']['dice'] == pytest.approx(f32['metrics']['dice'], rel=5e-2)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_and_export_a_single_process_checkpoint(tmp_path,
+                                                                         tmp_path_factory):
+  """``--mode=eval`` and ``--mode=export`` as a 2-process job (gloo) on the checkpoint of a
+  1-process run: every process reads a whole replicated copy (the saved shardings name
+  process 0's device only), the table equals the 1-process evaluation's."""
+  import shutil
+  import subprocess
+  import sys
+  from mstkd_jax import export
+  from tests import helpers_eval
+  run = helpers_eval.trained_run(tmp_path_factory)
+  workdir = str(tmp_path / 'work')
+  shutil.copytree(run.workdir, workdir, ignore=shutil.ignore_patterns('export', '.mstkd.lock'))
+  with open(os.path.join(run.workdir, 'eval', 'per_case.csv')) as f:
+    single = f.read()
+  shutil.rmtree(os.path.join(workdir, 'eval'))
+  for mode in ('eval', 'export'):
+    port, procs, logs = _free_port(), [], []
+    for pid in range(2):
+      logs.append(tmp_path / f'{mode}{pid}.log')
+      env = helpers_scale.helper_env(1, MSTKD_COORDINATOR=f'127.0.0.1:{port}',
+                                     MSTKD_NUM_PROCESSES=2, MSTKD_PROCESS_ID=pid)
+      with open(logs[-1], 'w') as log:
+        procs.append(subprocess.Popen(
+            [sys.executable, '-m', 'mstkd_jax.main', f'--mode={mode}', f'--workdir={workdir}'],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=helpers_scale.ROOT))
+    try:
+      codes = [p.wait(timeout=600) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    assert codes == [0, 0], '\n\n'.join(log.read_text()[-3000:] for log in logs)
+  with open(os.path.join(workdir, 'eval', 'per_case.csv')) as f:
+    assert f.read() == single
+  assert export.is_complete(os.path.join(workdir, 'export'))
