@@ -160,12 +160,18 @@ def evaluate_before(config, cases, student, teacher):
   return rows
 
 
-def forwards_alone(config, cases, student, teacher):
-  """The evaluation's forward passes alone, on batches already on the device."""
-  inference = inference_lib.get_inference(config)
+def _runs(inference, student, teacher):
+  """[(placed variables, subsets)]: the student on the 15 subsets, the teacher on all four."""
   runs = [(inference.place(student), ALL_SUBSETS)]
   if teacher is not None:
     runs.append((inference.place(teacher), (FULL,)))
+  return runs
+
+
+def forwards_alone(config, cases, student, teacher):
+  """The evaluation's forward passes alone, on batches already on the device."""
+  inference = inference_lib.get_inference(config)
+  runs = _runs(inference, student, teacher)
   seconds = 0.0
   for case in cases:
     for variables, subsets in runs:
@@ -183,9 +189,7 @@ def forwards_alone(config, cases, student, teacher):
 
 def parts_before(config, case, student, teacher):
   inference = inference_lib.get_inference(config)
-  runs = [(inference.place(student), ALL_SUBSETS)]
-  if teacher is not None:
-    runs.append((inference.place(teacher), (FULL,)))
+  runs = _runs(inference, student, teacher)
   out = dict(host_masked_copies_s=0.0, to_device_s=0.0, forward_s=0.0, to_host_s=0.0)
   probs = []
   for variables, subsets in runs:
@@ -214,9 +218,7 @@ def parts_before(config, case, student, teacher):
 
 def parts_after(config, case, student, teacher, pool):
   inference = inference_lib.get_inference(config)
-  runs = [(inference.place(student), ALL_SUBSETS)]
-  if teacher is not None:
-    runs.append((inference.place(teacher), (FULL,)))
+  runs = _runs(inference, student, teacher)
   out = dict(device_masked_copies_s=0.0, forward_s=0.0, device_scoring_s=0.0)
   t, (image, label) = timed(lambda: (inference.put(case.image), inference.put(case.label)))
   out['to_device_s'] = t

@@ -189,6 +189,28 @@ def mean_ci(values):
   return mean, mean - half, mean + half
 
 
+def check_same_as_evaluation(workdir, rows, what):
+  """``rows`` recomputed by an analysis must give the run's own eval/per_case.csv for the
+  student (same Dice to 1e-9): the analysis scores what the run evaluated. Returns the worst
+  difference; stops the analysis naming ``what`` otherwise."""
+  own = {(r['case'], r['subset'], r['region']): r['dice'] for r in read_rows(workdir)
+         if r['subset'] != TEACHER_SUBSET}
+  mine = {(r['case'], r['subset'], r['region']): r['dice'] for r in rows}
+  worst = max(abs(own[k] - mine[k]) for k in own)
+  if worst > 1e-9:
+    raise SystemExit(f'{workdir}: {what} differs from eval/per_case.csv by {worst}')
+  return worst
+
+
+def save_report(path, result, text):
+  """Writes ``path``.json (``result``) and ``path``.md (``text``) and prints the text."""
+  with open(path + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(path + '.md', 'w') as f:
+    f.write(text)
+  print(text)
+
+
 def summarise(runs, variants, baseline):
   """The report's numbers (see the module doc) from the finished runs."""
   by_variant = {v: [r for r in runs if r[2] == v and finished(r[3])] for v in variants}

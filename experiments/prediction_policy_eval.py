@@ -35,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_variants import (REGIONS, _diff_cell, paired, paired_table_rows,  # noqa: E402
-                              run_dir, t975)
+from compare_variants import (REGIONS, _diff_cell, check_same_as_evaluation,  # noqa: E402
+                              mean_ci, paired, paired_table_rows, run_dir, save_report)
 from mstkd_jax import prediction_policy as policy_lib  # noqa: E402
 from mstkd_jax import report  # noqa: E402
 from mstkd_jax import subset_selection as sel  # noqa: E402
@@ -93,28 +93,11 @@ def apply_policy(workdir, out, fold, policy, tag):
       scores = metrics.case_metrics(metrics.region_masks(probs[('student', name)]), truth,
                                     case.spacing, convention)
       alone += report.metric_rows(case.case_id, name, scores)
-  check_student_alone(workdir, alone)
+  check_same_as_evaluation(workdir, alone, 'the student alone')
   report.write_per_case_csv(rows, os.path.join(workdir, 'eval', f'policy_{tag}.csv'))
   with open(os.path.join(workdir, 'eval', f'policy_{tag}.json'), 'w') as f:
     json.dump(policy, f, indent=1)
   return rows
-
-
-def check_student_alone(workdir, rows):
-  """The student alone, recomputed here, must give the run's eval/per_case.csv (Dice to 1e-9)."""
-  own = {(r['case'], r['subset'], r['region']): r['dice'] for r in per_case(workdir)
-         if r['subset'] != report.TEACHER_SUBSET}
-  worst = max(abs(own[(r['case'], r['subset'], r['region'])] - r['dice']) for r in rows)
-  if worst > 1e-9:
-    raise SystemExit(f'{workdir}: the student alone differs from eval/per_case.csv by {worst}')
-
-
-def interval(values):
-  values = np.asarray(values, np.float64)
-  if len(values) < 2:
-    return float(values.mean()), float('nan'), float('nan')
-  half = t975(len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-  return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
 
 
 def teacher_vs_student(runs):
@@ -131,8 +114,8 @@ def teacher_vs_student(runs):
       run = [teacher[c] - student[c] for c in teacher if c in student]
       diffs += run
       by_run.append(np.mean(run))
-    mean, low, high = interval(diffs)
-    _, run_low, run_high = interval(by_run)
+    mean, low, high = mean_ci(diffs)
+    _, run_low, run_high = mean_ci(by_run)
     out[region] = {'mean': mean, 'ci95': [low, high], 'run_ci95': [run_low, run_high],
                    'better': int(np.sum(np.asarray(diffs) > 0)),
                    'worse': int(np.sum(np.asarray(diffs) < 0)), 'cases': len(diffs),
@@ -249,13 +232,7 @@ def main(argv=None):
     policy_rows = {w: apply_policy(w, args.out, k, policies[w], tag) for k, w in runs}
     result[variant] = summarise(runs, policy_rows, policies)
     print(f'[policy] {variant}: {len(runs)} runs', flush=True)
-  path = os.path.join(args.out, args.report)
-  with open(path + '.json', 'w') as f:
-    json.dump(result, f, indent=1)
-  text = markdown(result, argv)
-  with open(path + '.md', 'w') as f:
-    f.write(text)
-  print(text)
+  save_report(os.path.join(args.out, args.report), result, markdown(result, argv))
   return 0
 
 

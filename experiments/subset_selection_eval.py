@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_variants import (REGIONS, paired, paired_table_rows, parse_variant,  # noqa: E402
+from compare_variants import (REGIONS, check_same_as_evaluation, paired,  # noqa: E402
+                              paired_table_rows, parse_variant, save_report,
                               run_dir)
 from mstkd_jax import report  # noqa: E402
 from mstkd_jax import subset_selection as sel  # noqa: E402
@@ -159,18 +160,6 @@ def score_rules(run, rules):
   return out
 
 
-def check_default(workdir, rows):
-  """The 'default' rule must give the run's own evaluation (same Dice to 1e-9)."""
-  own = {(r['case'], r['subset'], r['region']): r['dice']
-         for r in report.read_per_case_csv(os.path.join(workdir, 'eval', 'per_case.csv'))
-         if r['subset'] != report.TEACHER_SUBSET}
-  mine = {(r['case'], r['subset'], r['region']): r['dice'] for r in rows}
-  worst = max(abs(own[k] - mine[k]) for k in own)
-  if worst > 1e-9:
-    raise SystemExit(f'{workdir}: the default rule differs from eval/per_case.csv by {worst}')
-  return worst
-
-
 def summarise(runs, scored):
   """{rule: {'runs', 'mean', 'full', 'hd95': {region: ...}, 'dominance', 'paired'}} over the
   test cases of ``runs``; 'paired' is compare_variants' paired comparison with 'default'."""
@@ -256,18 +245,12 @@ def main(argv=None):
     for run in runs:
       rules = make_rules(run, runs, tables)
       scored[run] = score_rules(LoadedRun(run[3], args.out, run[0]), rules)
-      check_default(run[3], scored[run]['default'])
+      check_same_as_evaluation(run[3], scored[run]['default'], 'the default rule')
       print(f'[selection] {run[3]}: {len(rules)} rules scored', flush=True)
     result[variant] = summarise(runs, scored)
   if args.tables_only:
     return 0
-  path = os.path.join(args.out, args.report)
-  with open(path + '.json', 'w') as f:
-    json.dump(result, f, indent=1)
-  text = markdown(result, argv)
-  with open(path + '.md', 'w') as f:
-    f.write(text)
-  print(text)
+  save_report(os.path.join(args.out, args.report), result, markdown(result, argv))
   return 0
 
 

@@ -55,3 +55,10 @@ def tiny_state(tiny_config):
   from mstkd_jax.models import build
   init = jax.jit(functools.partial(build.init_state, tiny_config, steps_per_epoch=10))
   return init(jax.random.key(0))
+
+
+@pytest.fixture(scope='session')
+def exported(tmp_path_factory):
+  """The student (and teacher) of the shared :tiny run exported once (helpers_eval)."""
+  from tests import helpers_eval
+  return helpers_eval.exported(tmp_path_factory)

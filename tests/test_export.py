@@ -19,11 +19,6 @@ def run(tmp_path_factory):
   return helpers_eval.trained_run(tmp_path_factory)
 
 
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  return helpers_eval.exported(tmp_path_factory)
-
-
 def test_export_contents_and_size(run, exported):
   assert sorted(os.listdir(exported)) == ['config.json', 'evaluation.json', 'manifest.json',
                                           'metadata.json', 'prediction_policy.json',

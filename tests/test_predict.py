@@ -27,11 +27,6 @@ KEYS_2024 = ('t2f', 't1n', 't1c', 't2w')
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  return helpers_eval.exported(tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
 def model(exported):
   return predict.load_model(exported)
 

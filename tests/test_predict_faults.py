@@ -24,13 +24,7 @@ from mstkd_jax import predict
 from mstkd_jax import visualize
 from mstkd_jax.data import layouts
 from mstkd_jax.predict import outputs
-from tests import helpers_eval
 from tests.test_predict import write_patient
-
-
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  return helpers_eval.exported(tmp_path_factory)
 
 
 def _two_cases(root):

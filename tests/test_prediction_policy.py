@@ -98,11 +98,6 @@ def test_plans_for_each_input():
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  return helpers_eval.exported(tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
 def model(exported):
   return predict.load_model(exported)
 
