@@ -16,7 +16,7 @@
 #       grain array-record cloudpickle etils nibabel importlib-resources ml-collections PyYAML \
 #       tensorboardX portpicker psutil protobuf absl-py typing-extensions packaging tqdm \
 #       surface-distance                                                  # ~10 MB
-#   python experiments/compact_cases.py --root data/brats2018 --out .gpu_data/brats2018_2mm  # ~21 MB
+#   python experiments/compact_cases.py --root data/brats2018 --out .gpu_data/brats2018_2mm  # ~22 MB
 set -euo pipefail
 part=${1:?usage: gpu_lease.sh check|epoch|train|smoke}
 OUT=${OUT:-/tmp/gpu_lease_out}
